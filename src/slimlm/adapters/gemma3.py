@@ -15,6 +15,7 @@ from .base import HIDDEN, KEEP, KV, Q, Adapter, FFN
 
 class Gemma3Adapter(Adapter):
     model_types = ("gemma3_text",)
+    hidden_divisible_by_heads = True
     hidden_sites = ("input_layernorm", "pre_feedforward_layernorm")
     layer_tensors = {
         **Adapter.layer_tensors,

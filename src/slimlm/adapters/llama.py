@@ -5,3 +5,4 @@ from .base import Adapter
 
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
+    hidden_divisible_by_heads = True

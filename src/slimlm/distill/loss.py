@@ -1,0 +1,224 @@
+"""Knowledge-distillation losses computed in token chunks, so vocab-sized memory stays bounded.
+
+A full-vocabulary logit tensor is large (vocab 128K x 8K tokens x fp32 = 4 GB, twice for
+teacher and student, more for softmax and its gradient).  `kd_loss` never builds it: it
+walks over the tokens in chunks, applies both LM heads inside each chunk, and wraps the
+chunk in `torch.utils.checkpoint` so that the chunk's logits are freed right after its
+forward and recomputed in backward.  Peak extra memory is a few `chunk_size x vocab`
+tensors whatever the sequence length.
+
+Losses (p = teacher distribution, q = student distribution, both at `temperature`):
+- ``kl``: forward KL(p || q) = sum p (log p - log q)   (Minitron's choice)
+- ``reverse-kl``: KL(q || p)
+- ``jsd``: 0.5 KL(p || m) + 0.5 KL(q || m), m = (p + q) / 2
+- ``none``: no distillation term (plain LM loss through `ce_weight`)
+
+The distillation term is multiplied by temperature**2 (Hinton et al.) so that its gradient
+scale does not shrink as the temperature grows; at the default temperature 1 this is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import SlimlmError
+
+LOSSES = ("kl", "reverse-kl", "jsd", "none")
+IGNORE_INDEX = -100
+
+Head = Union[torch.Tensor, tuple, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_loss_name(name: str) -> str:
+    """Normalise a loss name (accepts ``forward-kl``, ``reverse_kl`` ...); SlimlmError if unknown."""
+    key = str(name).lower().replace("_", "-")
+    key = {"forward-kl": "kl", "fkl": "kl", "rkl": "reverse-kl", "js": "jsd"}.get(key, key)
+    if key not in LOSSES:
+        raise SlimlmError(f"unknown loss '{name}' (choose from {', '.join(LOSSES[:-1])})")
+    return key
+
+
+def as_head(head: Head, bias: torch.Tensor | None = None, softcap: float | None = None) -> Callable:
+    """A callable hidden -> logits from a weight tensor, a (weight, bias) pair or a module.
+
+    Passing the LM head *module* (not its weight) matters under FSDP2 / ZeRO-3: calling the
+    module is what gathers its sharded weight.  `softcap` applies Gemma-style
+    ``cap * tanh(logits / cap)``.
+    """
+    if isinstance(head, tuple):
+        head, bias = head
+    if isinstance(head, torch.Tensor):
+        weight = head
+
+        def fn(h):
+            return F.linear(h, weight, bias)
+    else:
+        fn = head
+    if softcap:
+        inner = fn
+
+        def fn(h):
+            return torch.tanh(inner(h) / softcap) * softcap
+    return fn
+
+
+@dataclass
+class LossOutput:
+    """`loss` carries the gradient; the others are detached values for logging."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor  # distillation term (before temperature**2), mean over tokens
+    ce: torch.Tensor  # student cross-entropy on `labels`, mean over counted tokens
+    kl: torch.Tensor  # forward KL(teacher || student) at `temperature` (a metric for every loss kind)
+    n_tokens: int
+    n_labels: int
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunk_terms(kind: str, temperature: float, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
+                 labels: torch.Tensor | None):
+    """Per-chunk sums: (distillation term, cross-entropy, forward KL metric)."""
+    s_logits = _upcast(s_logits)  # softmax in fp32 even when the matmul ran in bf16
+    zero = s_logits.new_zeros(())
+    kd = kl = zero
+    if t_logits is not None:
+        log_q = F.log_softmax(s_logits / temperature, dim=-1)
+        log_p = F.log_softmax(_upcast(t_logits) / temperature, dim=-1)
+        fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        if kind == "kl":
+            kd = fkl.sum()
+        elif kind == "reverse-kl":
+            kd = (log_q.exp() * (log_q - log_p)).sum(-1).sum()
+        elif kind == "jsd":
+            log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+            kd = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1)).sum()
+        kl = fkl.detach().sum()
+    ce = zero
+    if labels is not None:
+        ce = F.cross_entropy(s_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return kd, ce, kl
+
+
+def kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: Head,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: Head | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    loss: str = "kl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int = 1024,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    recompute: bool = True,
+) -> LossOutput:
+    """Distillation loss of a student against a teacher, averaged over tokens, in token chunks.
+
+    Args:
+        student_hidden: [N, Hs] final hidden states (after the final norm) of the student.
+        student_head: the student LM head: weight [V, Hs], a (weight, bias) pair or a module.
+        teacher_hidden / teacher_head: the same for the teacher (the teacher runs without grad);
+            or pass `teacher_logits` [N, V] precomputed instead (then memory is the caller's).
+        labels: [N] next-token ids for the optional cross-entropy term; IGNORE_INDEX (-100)
+            entries are skipped.  Needed when `ce_weight > 0` or for loss 'none'.
+        mask: [N] bool, the tokens that count; the others are dropped before any matmul.
+        loss: 'kl' (forward), 'reverse-kl', 'jsd' or 'none'.
+        temperature: softmax temperature of both distributions; the term is scaled by T**2.
+        ce_weight: weight of the student cross-entropy on `labels` (computed at temperature 1).
+        chunk_size: tokens per chunk; peak extra memory is about 4 x chunk_size x V floats.
+        recompute: checkpoint each chunk (logits rebuilt in backward instead of kept).
+
+    Returns a `LossOutput`; ``loss = T**2 * kd + ce_weight * ce``.
+    """
+    kind = check_loss_name(loss)
+    if temperature <= 0:
+        raise SlimlmError(f"temperature must be positive, got {temperature}")
+    if kind == "none" and labels is None:
+        raise SlimlmError("loss 'none' needs labels (plain LM loss)")
+    use_teacher = kind != "none" or teacher_hidden is not None or teacher_logits is not None
+    if use_teacher and teacher_logits is None and (teacher_hidden is None or teacher_head is None):
+        raise SlimlmError(f"loss '{kind}' needs the teacher's hidden states and LM head, or its logits")
+    s_head = as_head(student_head, student_bias, student_softcap)
+    t_head = as_head(teacher_head, teacher_bias, teacher_softcap) if teacher_head is not None else None
+
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        student_hidden = student_hidden[keep]
+        teacher_hidden = teacher_hidden[keep] if teacher_hidden is not None else None
+        teacher_logits = teacher_logits[keep] if teacher_logits is not None else None
+        labels = labels[keep] if labels is not None else None
+    n = student_hidden.shape[0]
+    with_ce = labels is not None and (ce_weight > 0 or kind == "none")
+    n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+
+    def chunk_fn(sh, th, tl, lab):
+        if tl is None and th is not None:
+            with torch.no_grad():
+                tl = t_head(th)
+        return _chunk_terms(kind, temperature, s_head(sh), tl if use_teacher else None, lab)
+
+    acc = torch.promote_types(student_hidden.dtype, torch.float32)
+    kd_sum = ce_sum = kl_sum = student_hidden.new_zeros((), dtype=acc)
+    grad = torch.is_grad_enabled()
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (
+            student_hidden[sl],
+            teacher_hidden[sl] if (teacher_hidden is not None and teacher_logits is None and use_teacher) else None,
+            teacher_logits[sl] if (teacher_logits is not None and use_teacher) else None,
+            labels[sl] if with_ce else None,
+        )
+        if recompute and grad:
+            kd, ce, kl = checkpoint(chunk_fn, *args, use_reentrant=False)
+        else:
+            kd, ce, kl = chunk_fn(*args)
+        kd_sum = kd_sum + kd
+        ce_sum = ce_sum + ce
+        kl_sum = kl_sum + kl
+
+    kd_mean = kd_sum / max(n, 1)
+    ce_mean = ce_sum / max(n_labels, 1)
+    total = kd_mean * (temperature**2) if kind != "none" else kd_mean * 0.0
+    if with_ce:
+        total = total + (ce_mean if kind == "none" else ce_weight * ce_mean)
+    return LossOutput(
+        loss=total,
+        kd=kd_mean.detach(),
+        ce=ce_mean.detach(),
+        kl=(kl_sum / max(n, 1)).detach(),
+        n_tokens=n,
+        n_labels=n_labels,
+    )
+
+
+def naive_kd_loss(student_logits, teacher_logits=None, *, labels=None, mask=None, loss="kl", temperature=1.0,
+                  ce_weight=0.0) -> torch.Tensor:
+    """The same loss from full logits [N, V] (reference for tests and benchmarks; O(N x V) memory)."""
+    kind = check_loss_name(loss)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        student_logits = student_logits[keep]
+        teacher_logits = teacher_logits[keep] if teacher_logits is not None else None
+        labels = labels[keep] if labels is not None else None
+    kd, ce, _ = _chunk_terms(kind, temperature, student_logits, teacher_logits if kind != "none" else None, labels)
+    n = student_logits.shape[0]
+    total = kd / n * temperature**2 if kind != "none" else kd * 0.0
+    if labels is not None and (ce_weight > 0 or kind == "none"):
+        ce_mean = ce / max(int((labels != IGNORE_INDEX).sum()), 1)
+        total = total + (ce_mean if kind == "none" else ce_weight * ce_mean)
+    return total

@@ -1,0 +1,622 @@
+"""The distillation trainer: `distill()` trains a student on a teacher's output distribution.
+
+One loop serves two modes:
+- ``mode="kd"``: the Minitron loss (forward KL on the logits by default), teacher frozen;
+- ``mode="lm"``: plain next-token LM loss (teacher correction, LM-loss baselines).
+
+Accelerate handles device placement, mixed precision, gradient accumulation and multiple
+processes, so the same code runs on one CPU and under ``accelerate launch`` (DDP, FSDP2,
+DeepSpeed ZeRO-3).  Everything a user can get wrong is checked before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .._io import atomic_dir, atomic_write_json, check_writable_output
+from ..data import DEFAULT_CORPUS, check_source
+from ..errors import SlimlmError
+from ..models import load_config, load_model, load_tokenizer, pick_dtype
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import WindowOrder, cached_windows, gather, tokenizer_fingerprint
+from .loss import check_loss_name
+from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
+from .monitor import Monitor, fmt_rate, progress_bar
+
+MODES = ("kd", "lm")
+HIDDEN_LOSSES = ("cosine",)
+WARMUP_FRACTION = 0.1  # tiny budgets: warm-up takes at most this share of the steps
+
+
+class NonFiniteLossError(SlimlmError):
+    """The loss or the gradient norm became NaN/inf; the run stopped, its last checkpoint is kept."""
+
+
+@dataclass
+class DistillResult:
+    """What `distill` returns (and `--json` prints)."""
+
+    out: str
+    mode: str
+    steps: int
+    tokens: int
+    complete: bool
+    metrics: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    checkpoint: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def schedule(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to `min_lr`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def effective_warmup(warmup: int, total_steps: int) -> int:
+    """Warm-up clamped to WARMUP_FRACTION of the run (40 warm-up steps in a 50-step run would never decay)."""
+    return max(0, min(warmup, int(total_steps * WARMUP_FRACTION)))
+
+
+def _spec_and_config(model, role: str):
+    """(the name the user gave, config) for a model given as a spec string or an nn.Module."""
+    if model is None:
+        return None, None
+    if isinstance(model, (str, os.PathLike)):
+        return str(model), load_config(str(model))
+    config = getattr(model, "config", None)
+    if config is None:
+        raise SlimlmError(f"the {role} must be a model name/folder or a Hugging Face model")
+    return getattr(config, "_slimlm_source", None) or getattr(config, "name_or_path", None) or f"<{role}>", config
+
+
+def _tokenizer_for(spec: str | None):
+    if spec is None or spec.startswith("<"):
+        return None
+    try:
+        return load_tokenizer(spec)
+    except (SlimlmError, OSError, ValueError):
+        return None
+
+
+def _check_compatible(t_cfg, s_cfg, t_tok, s_tok) -> None:
+    """Teacher and student must share a vocabulary, or the KL compares unrelated distributions."""
+    if t_cfg.vocab_size != s_cfg.vocab_size:
+        raise SlimlmError(
+            f"teacher and student vocabularies differ ({t_cfg.vocab_size} vs {s_cfg.vocab_size} tokens); "
+            "distillation needs the same tokenizer"
+        )
+    if t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
+        raise SlimlmError("teacher and student tokenizers differ; distillation needs the same tokenizer")
+
+
+def _max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def distill(
+    teacher,
+    student,
+    data=DEFAULT_CORPUS,
+    out: str | os.PathLike = "distilled",
+    tokens: int = 100_000,
+    *,
+    seq_len: int = 512,
+    micro_batch: int = 4,
+    global_batch: int | None = None,
+    lr: float = 1e-4,
+    min_lr: float = 1e-5,
+    warmup: int = 40,
+    clip: float = 1.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    loss: str = "kl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    hidden_loss: str | None = None,
+    layer_map=None,
+    hidden_weight: float = 1.0,
+    eval_every: int | None = None,
+    heldout: int = 16,
+    eval_data=None,
+    save_every: int | None = None,
+    keep_checkpoints: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    mode: str = "kd",
+    text_field: str = "text",
+    tokenizer=None,
+    chunk_size: int = 1024,
+    gradient_checkpointing: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    tensorboard: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+) -> DistillResult:
+    """Distill `teacher` into `student` (mode 'kd'), or train `student` with the LM loss (mode 'lm').
+
+    Args:
+        teacher, student: model names/folders/aliases (as `slimlm.models.load_model` takes) or
+            loaded Hugging Face models (a model object is trained in place). `teacher` may be
+            None in mode 'lm'; given there, validation also reports the KL to it.
+        data: training text source (see `slimlm.data`); `eval_data` an optional separate
+            held-out source (default: the last `heldout` windows of `data`).
+        out: output folder; in the end a standard Hugging Face checkpoint with `slimlm.json`,
+            `metrics.jsonl` and the run state under `run/` (checkpoints, token cache, TensorBoard).
+        tokens: training budget; steps = ceil(tokens / (global_batch * seq_len)).
+        micro_batch: windows per forward per process; `global_batch` windows per optimizer step
+            (default micro_batch x processes; the rest is gradient accumulation).
+        lr, min_lr, warmup: peak LR, final LR, warm-up steps (clamped to 10 % of the steps), cosine decay.
+        loss: 'kl' (forward KL, Minitron), 'reverse-kl' or 'jsd'; `temperature`, `ce_weight`
+            (weight of a student cross-entropy term); `hidden_loss='cosine'` adds a cosine loss
+            between mapped intermediate states (`layer_map` 'student:teacher,...', default evenly spaced).
+        eval_every: validate every N steps (default: 10 times per run; 0 turns it off).
+        save_every: checkpoint every N steps (default: total/10 within [25, 1000]; 0: never); `resume`
+            continues from the newest checkpoint in `out` at the exact data position.
+        dtype: 'auto' (fp32 on CPU, bf16 mixed precision on GPUs), 'fp32', 'bf16', 'fp16'.
+        stop_after: stop (with a checkpoint, no export) after this many optimizer steps in total,
+            for time-boxed jobs; run again with `resume=True` to continue.
+        on_step: called on the main process with each training metrics record.
+
+    Returns a `DistillResult`.  Raises `SlimlmError` for user mistakes (before any work) and
+    `NonFiniteLossError` when the loss diverges.
+    """
+    # ---- 1. arguments (cheap checks first) ---------------------------------------------------
+    if mode not in MODES:
+        raise SlimlmError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+    loss = check_loss_name(loss) if mode == "kd" else "none"
+    if loss == "none" and mode == "kd":
+        raise SlimlmError("mode 'kd' needs a distillation loss (kl, reverse-kl or jsd)")
+    if hidden_loss is not None:
+        hidden_loss = str(hidden_loss).lower()
+        if hidden_loss in ("", "none"):
+            hidden_loss = None
+        elif hidden_loss not in HIDDEN_LOSSES:
+            raise SlimlmError(f"unknown hidden loss '{hidden_loss}' (choose from {', '.join(HIDDEN_LOSSES)})")
+        elif mode == "lm":
+            raise SlimlmError("--hidden-loss needs mode 'kd' (a teacher to match)")
+    for name, value, low in (("tokens", tokens, 1), ("seq-len", seq_len, 2), ("micro-batch", micro_batch, 1),
+                             ("heldout", heldout, 0), ("chunk-size", chunk_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise SlimlmError(f"--{name} must be an integer >= {low}, got {value}")
+    if not (lr > 0) or min_lr < 0 or min_lr > lr:
+        raise SlimlmError(f"need 0 <= min-lr <= lr and lr > 0, got lr={lr}, min-lr={min_lr}")
+    if warmup < 0 or clip <= 0 or temperature <= 0 or ce_weight < 0 or hidden_weight < 0 or weight_decay < 0:
+        raise SlimlmError("warmup, ce-weight, hidden-weight, weight-decay must be >= 0; clip and temperature > 0")
+    if teacher is None and mode == "kd":
+        raise SlimlmError("distillation needs a teacher")
+
+    from accelerate import PartialState
+
+    world = PartialState().num_processes
+    global_batch = global_batch or micro_batch * world
+    if global_batch % (micro_batch * world):
+        raise SlimlmError(
+            f"--global-batch {global_batch} is not a multiple of micro-batch x processes = {micro_batch} x {world}"
+        )
+    accum = global_batch // (micro_batch * world)
+    total_steps = max(1, math.ceil(tokens / (global_batch * seq_len)))
+    warmup_steps = effective_warmup(warmup, total_steps)
+    eval_every = max(1, total_steps // 10) if eval_every is None else eval_every
+    # Default: about 10 checkpoints a run, but not more often than every 25 steps nor rarer than 1000.
+    save_every = min(1000, max(25, total_steps // 10)) if save_every is None else save_every
+
+    # ---- 2. output ---------------------------------------------------------------------------
+    out = Path(out).expanduser()
+    run_dir = out / "run"
+    t_spec, t_cfg = _spec_and_config(teacher, "teacher")
+    s_spec, s_cfg = _spec_and_config(student, "student")
+    for spec in (t_spec, s_spec):
+        if spec and Path(spec).expanduser().exists() and Path(spec).expanduser().resolve() == out.resolve():
+            raise SlimlmError(f"the output {out} is one of the input models; choose another folder")
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise SlimlmError(f"nothing to resume in {out} (no checkpoint under {run_dir / 'checkpoints'})")
+    if not resume:
+        unfinished = (run_dir / "checkpoints").exists() and not (out / "slimlm.json").exists()
+        if unfinished and not overwrite:
+            raise SlimlmError(f"output {out} holds an unfinished run: pass --resume to continue it or --overwrite")
+        check_writable_output(out, overwrite=overwrite)
+
+    # ---- 3. models' configs and tokenizers -------------------------------------------------
+    s_tok = tokenizer or _tokenizer_for(s_spec)
+    t_tok = _tokenizer_for(t_spec) if t_cfg is not None else None
+    tok = s_tok or t_tok
+    if tok is None:
+        raise SlimlmError("no tokenizer found with the student or the teacher; pass one")
+    if t_cfg is not None:
+        _check_compatible(t_cfg, s_cfg, t_tok, s_tok)
+    if len(tok) > s_cfg.vocab_size:
+        raise SlimlmError(f"the tokenizer has {len(tok)} tokens but the student only {s_cfg.vocab_size} embeddings")
+    for role, cfg in (("student", s_cfg), ("teacher", t_cfg)):
+        limit = _max_positions(cfg) if cfg is not None else None
+        if limit is not None and seq_len > limit:
+            raise SlimlmError(f"--seq-len {seq_len} exceeds the {role}'s max_position_embeddings ({limit})")
+    pairs = []
+    if hidden_loss:
+        pairs = parse_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+
+    settings = dict(
+        mode=mode, teacher=t_spec, student=s_spec, data=str(data), eval_data=str(eval_data) if eval_data else None,
+        tokens=tokens, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
+        warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, loss=loss, temperature=temperature,
+        ce_weight=ce_weight, hidden_loss=hidden_loss, layer_map=[list(p) for p in pairs], hidden_weight=hidden_weight,
+        dtype=str(dtype), heldout=heldout, tokenizer=tokenizer_fingerprint(tok),
+    )
+    if resume:
+        _check_same_run(run_dir, settings)
+
+    # ---- 4. data (tokenized once, cached) ------------------------------------------------
+    from accelerate import Accelerator
+
+    compute_dtype = pick_dtype(dtype)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "no")
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed,
+                              step_scheduler_with_optimizer=False)
+    try:
+        return _run(**locals())
+    finally:
+        _reset_accelerate()
+
+
+def _run(accelerator, **kw) -> DistillResult:
+    """The part of `distill` after validation (kept apart so the accelerator is always released)."""
+    g = _Namespace(kw)
+    main = accelerator.is_main_process
+    out, run_dir = g.out, g.run_dir
+    check_source(g.data, g.text_field)  # before anything is written: an empty source is a user error
+    if g.eval_data:
+        check_source(g.eval_data, g.text_field)
+    if main:
+        if not g.resume and g.overwrite:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not g.resume:
+            atomic_write_json(run_dir / "config.json", g.settings)
+    accelerator.wait_for_everyone()
+
+    need = g.total_steps * g.global_batch
+    n_heldout = g.heldout if g.eval_every else 0
+    with accelerator.main_process_first():
+        windows = cached_windows(g.data, g.tok, g.seq_len, need + (0 if g.eval_data else n_heldout),
+                                 run_dir / "cache", g.text_field)
+        if g.eval_data and n_heldout:
+            held = cached_windows(g.eval_data, g.tok, g.seq_len, n_heldout, run_dir / "cache", g.text_field)
+        elif n_heldout:
+            n_heldout = min(n_heldout, len(windows) // 5)
+            held = windows[len(windows) - n_heldout:] if n_heldout else windows[:0]
+            windows = windows[: len(windows) - n_heldout]
+        else:
+            held = windows[:0]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_heldout = (len(held) // world) * world  # every process evaluates the same number of windows
+    held = held[:n_heldout]
+    if len(windows) == 0:
+        raise SlimlmError(f"data source {g.data} gives no training windows of {g.seq_len} tokens")
+    order = WindowOrder(len(windows), g.seed)
+    if main and len(windows) < need:
+        print(f"note: {len(windows)} training windows for {need} needed; the data repeats "
+              f"({need / len(windows):.1f} epochs)", file=sys.stderr, flush=True)
+
+    # ---- 5. models ---------------------------------------------------------------------
+    torch.manual_seed(g.seed)
+    # Mixed precision keeps fp32 master weights for the student; the frozen teacher runs in the compute dtype.
+    s_model = g.student if not isinstance(g.student, (str, os.PathLike)) else load_model(
+        g.s_spec, torch.float32 if g.mixed != "no" else g.compute_dtype)
+    use_teacher = g.t_cfg is not None
+    t_model = None
+    if use_teacher:
+        t_model = g.teacher if not isinstance(g.teacher, (str, os.PathLike)) else load_model(g.t_spec, g.compute_dtype)
+    if g.gradient_checkpointing:
+        s_model.gradient_checkpointing_enable()
+    s_model.config.use_cache = False
+    s_model.train()
+    objective = StudentObjective(
+        s_model, g.mode, g.loss, g.temperature, g.ce_weight, g.hidden_loss, g.pairs, g.hidden_weight,
+        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size,
+    )
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=g.weight_decay)
+    sched_fn = lambda s: schedule(s, g.total_steps, g.lr, g.min_lr, g.warmup_steps) / g.lr  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    # The scheduler counts optimizer steps itself (prepare() would step it once per process).
+    accelerator.register_for_checkpointing(scheduler)
+    teacher_fwd = teacher_head = None
+    if use_teacher:
+        teacher_fwd = _prepare_teacher(accelerator, TeacherForward(t_model, tuple(t for _, t in g.pairs)))
+        teacher_head = lm_head(accelerator.unwrap_model(teacher_fwd).hf_model)
+
+    start_step, elapsed_before, last_eval = 0, 0.0, {}
+    if g.ckpt is not None:
+        state = load_checkpoint(accelerator, g.ckpt)
+        start_step, elapsed_before, last_eval = state["step"], state.get("elapsed_s", 0.0), state.get("eval", {})
+        if main:
+            print(f"resuming from {g.ckpt.name} (step {start_step} of {g.total_steps})", file=sys.stderr, flush=True)
+    monitor = Monitor(out / "metrics.jsonl", run_dir / "tensorboard" if g.tensorboard else None, enabled=main,
+                      resume_step=start_step if g.resume else None)
+    tokens_per_step = g.global_batch * g.seq_len
+
+    def evaluate(step: int) -> dict:
+        if not len(held):
+            return {}
+        metrics = _evaluate(accelerator, objective, teacher_fwd, teacher_head, held, g.micro_batch)
+        monitor.log({"event": "eval", "step": step, "tokens": step * tokens_per_step, **metrics})
+        return metrics
+
+    def checkpoint(step: int, elapsed: float) -> str:
+        path = save_checkpoint(accelerator, run_dir, step, {"step": step, "tokens": step * tokens_per_step,
+                                                            "elapsed_s": elapsed, "eval": last_eval,
+                                                            "total_steps": g.total_steps}, keep=g.keep_checkpoints)
+        return str(path)
+
+    # ---- 6. the loop -------------------------------------------------------------------
+    if start_step == 0 and g.eval_every:
+        last_eval = evaluate(0)
+    bar = progress_bar(g.total_steps, start_step, g.progress and main)
+    per_proc = g.micro_batch * g.accum
+    end_step = g.total_steps if g.stop_after is None else min(g.total_steps, max(g.stop_after, start_step))
+    t_start = time.perf_counter()
+    rate = None
+    last_ckpt = str(g.ckpt) if g.ckpt is not None else None
+    try:
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            lr_now = scheduler.get_last_lr()[0]
+            idx = order.indices(step * g.global_batch, g.global_batch)[rank * per_proc:(rank + 1) * per_proc]
+            sums = torch.zeros(5, device=accelerator.device)
+            grad_norm = None
+            for m in range(g.accum):
+                ids = gather(windows, idx[m * g.micro_batch:(m + 1) * g.micro_batch]).to(accelerator.device)
+                with accelerator.accumulate(objective):
+                    t_hidden, t_taps = teacher_fwd(ids) if (teacher_fwd is not None and g.mode == "kd") else (None, None)
+                    res = objective(ids, t_hidden, t_taps, teacher_head)
+                    accelerator.backward(res["loss"])
+                    sums += torch.stack([res["loss"].detach().float(), res["kd"].float(), res["ce"].float(),
+                                         res["kl"].float(), res["hidden"].float()])
+                    if accelerator.sync_gradients:
+                        stats = accelerator.reduce(sums / g.accum, "mean")
+                        if not torch.isfinite(stats[0]):
+                            raise _diverged(step + 1, "loss", last_ckpt, monitor)
+                        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), g.clip)
+                        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                            raise _diverged(step + 1, "gradient norm", last_ckpt, monitor)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            dt = time.perf_counter() - t0
+            rate = tokens_per_step / dt if rate is None else 0.8 * rate + 0.2 * tokens_per_step / dt
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            record = {"event": "train", "step": done, "tokens": done * tokens_per_step,
+                      "loss": stats[0].item(), "lr": lr_now,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tokens_per_step / dt, "elapsed_s": elapsed}
+            if g.mode == "kd":
+                record.update(kd=stats[1].item(), kl=stats[3].item())
+                if g.ce_weight:
+                    record["ce"] = stats[2].item()
+                if g.hidden_loss:
+                    record["hidden"] = stats[4].item()
+            monitor.log(record)
+            if bar is not None:
+                post = {"loss": f"{record['loss']:.4f}"}
+                if "kl" in record:
+                    post["kl"] = f"{record['kl']:.4f}"
+                post["tok/s"] = fmt_rate(rate)
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if main and g.on_step is not None:
+                g.on_step(record)
+            if g.eval_every and done % g.eval_every == 0 and done < g.total_steps:
+                last_eval = evaluate(done)
+            if g.save_every and done % g.save_every == 0 and done < end_step:
+                last_ckpt = checkpoint(done, elapsed)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    elapsed = elapsed_before + time.perf_counter() - t_start
+    if end_step < g.total_steps:  # stopped early on purpose: checkpoint, no export
+        last_ckpt = checkpoint(end_step, elapsed)
+        monitor.close()
+        return DistillResult(str(out), g.mode, end_step, end_step * tokens_per_step, False, last_eval, elapsed, last_ckpt)
+
+    # ---- 7. final validation and export --------------------------------------------------
+    final = evaluate(g.total_steps) if len(held) else {}
+    if g.save_every:
+        last_ckpt = checkpoint(g.total_steps, elapsed)
+    monitor.close()
+    metrics = {**final, "train_loss": record["loss"] if end_step > start_step else None}
+    provenance = _provenance(g, metrics, elapsed)
+    _export(accelerator, objective, g.tok, out, provenance, g.compute_dtype, g.student)
+    return DistillResult(str(out), g.mode, g.total_steps, g.total_steps * tokens_per_step, True, metrics, elapsed,
+                         last_ckpt)
+
+
+class _Namespace:
+    def __init__(self, d):
+        self.__dict__.update(d)
+
+
+def _check_same_run(run_dir: Path, settings: dict) -> None:
+    """--resume must continue the same run: the settings that shape training must match."""
+    import json
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    differ = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if differ:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {settings[k]!r}" for k in differ)
+        raise SlimlmError(f"--resume with different settings than the run in {run_dir.parent} ({detail})")
+
+
+def _diverged(step: int, what: str, last_ckpt: str | None, monitor: Monitor) -> NonFiniteLossError:
+    where = f"the last good checkpoint is {last_ckpt}; rerun with --resume (and a lower --lr) to continue from it" \
+        if last_ckpt else "no checkpoint was written yet"
+    message = f"the {what} became NaN/inf at step {step}; training stopped ({where})"
+    monitor.log({"event": "error", "step": step, "message": message})
+    monitor.close()
+    return NonFiniteLossError(message)
+
+
+@torch.no_grad()
+def _evaluate(accelerator, objective, teacher_fwd, teacher_head, held, micro_batch: int) -> dict:
+    """Held-out forward KL to the teacher (temperature 1) and the student's LM loss, averaged over tokens."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = held[rank::world]
+    objective.eval()
+    sums = torch.zeros(4, device=accelerator.device)
+    for i in range(0, len(mine), micro_batch):
+        ids = torch.from_numpy(mine[i:i + micro_batch].astype("int64")).to(accelerator.device)
+        t_hidden = teacher_fwd(ids)[0] if teacher_fwd is not None else None
+        sums += objective(ids, t_hidden, None, teacher_head, metrics=True)
+    objective.train()
+    sums = accelerator.reduce(sums, "sum")
+    lm = (sums[1] / sums[3]).item()
+    metrics = {"val_lm_loss": lm, "val_ppl": math.exp(min(lm, 50.0))}
+    if teacher_fwd is not None:
+        metrics = {"val_kl": (sums[0] / sums[2]).item(), **metrics}
+    return metrics
+
+
+def _prepare_teacher(accelerator, teacher):
+    """Place (and under FSDP2 / ZeRO-3, shard) the frozen teacher without giving it an optimizer."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise SlimlmError("slimlm supports FSDP version 2 only (set fsdp_version: 2 in the accelerate config)")
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    if kind == DistributedType.DEEPSPEED:
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if stage != 3:  # ZeRO 1/2 shard only optimizer state: a frozen teacher is simply replicated
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        return engine.eval()
+    return teacher.to(accelerator.device)
+
+
+def _provenance(g, metrics: dict, elapsed: float) -> dict:
+    import accelerate
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        slimlm_version = version("slimlm")
+    except Exception:
+        slimlm_version = None
+    parent = None
+    if g.s_spec and (Path(g.s_spec).expanduser() / "slimlm.json").exists():
+        import json
+
+        parent = json.loads((Path(g.s_spec).expanduser() / "slimlm.json").read_text())
+    return {
+        "slimlm": slimlm_version,
+        "kind": "distill" if g.mode == "kd" else "lm-training",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "teacher": g.t_spec,
+        "student": g.s_spec,
+        "data": str(g.data),
+        "eval_data": str(g.eval_data) if g.eval_data else None,
+        "tokens": g.total_steps * g.global_batch * g.seq_len,
+        "tokens_requested": g.tokens,
+        "steps": g.total_steps,
+        "loss": {"mode": g.mode, "kind": g.loss, "temperature": g.temperature, "ce_weight": g.ce_weight,
+                 "hidden_loss": g.hidden_loss, "layer_map": [list(p) for p in g.pairs],
+                 "hidden_weight": g.hidden_weight},
+        "hyperparameters": {
+            "seq_len": g.seq_len, "micro_batch": g.micro_batch, "global_batch": g.global_batch,
+            "grad_accumulation": g.accum, "processes": g.world, "lr": g.lr, "min_lr": g.min_lr,
+            "warmup_steps": g.warmup_steps, "warmup_requested": g.warmup, "schedule": "cosine",
+            "clip": g.clip, "optimizer": "AdamW(0.9, 0.95)", "weight_decay": g.weight_decay, "seed": g.seed,
+            "dtype": str(g.compute_dtype).replace("torch.", ""), "mixed_precision": g.mixed,
+        },
+        "final_metrics": metrics,
+        "elapsed_s": round(elapsed, 2),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "accelerate": accelerate.__version__},
+        "parent": parent,
+    }
+
+
+def _export(accelerator, objective, tokenizer, out: Path, provenance: dict, save_dtype, student_arg) -> None:
+    """Write the student as a standard HF checkpoint into `out`, atomically (run state carried over)."""
+    state = accelerator.get_state_dict(objective)  # every process: gathers shards under FSDP / ZeRO-3
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(objective).hf_model
+        prefix = "hf_model."
+        state = {k[len(prefix):]: (v.to(save_dtype) if v.is_floating_point() else v)
+                 for k, v in state.items() if k.startswith(prefix)}
+        config = model.config
+        source = config.__dict__.pop("_slimlm_source", None)  # load_model's note, not a config field
+        old_dtype = getattr(config, "dtype", None)
+        try:
+            config.dtype = save_dtype
+            with atomic_dir(out) as tmp:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                _carry(out, tmp)
+                atomic_write_json(tmp / "slimlm.json", provenance)
+        finally:
+            config.dtype = old_dtype
+            if source is not None:
+                config._slimlm_source = source
+    accelerator.wait_for_everyone()
+
+
+def _carry(out: Path, tmp: Path) -> None:
+    """Bring the run's metrics and state into the new output folder (hard links: no copy, no risk)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if (out / "metrics.jsonl").exists():
+        link(out / "metrics.jsonl", tmp / "metrics.jsonl")
+    if (out / "run").is_dir():
+        shutil.copytree(out / "run", tmp / "run", copy_function=link)
+
+
+def _reset_accelerate() -> None:
+    """Forget this run's Accelerate settings so that another `distill` call in the process starts clean.
+
+    The process group (PartialState) is kept: under `accelerate launch` it belongs to the launcher.
+    """
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    except Exception:
+        pass

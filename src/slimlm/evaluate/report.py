@@ -1,0 +1,448 @@
+"""`slimlm report`: plots and tables of a run folder, as one HTML page and Markdown.
+
+The run folder is searched (a few levels deep) for what earlier steps wrote, and each
+section appears only when its input is there:
+- ``*scores*.safetensors`` (from `slimlm importance`/`prune`): layer importance per
+  depth metric, head and neuron heatmaps, the hidden-channel score distribution;
+- ``metrics.jsonl`` (from `slimlm distill`): training and validation curves;
+- ``eval.json`` (from `slimlm eval`, in model folders; models that ``slimlm.json``
+  names as source/teacher/student are followed): the before/after table.
+
+The HTML page embeds its images (base64) and opens offline; the Markdown links PNG
+files written beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .._io import atomic_dir
+from ..errors import SlimlmError
+from .runner import EVAL_FILE, load_results
+
+MAX_DEPTH = 4
+SKIP_DIRS = {"checkpoints", "report", "tensorboard", "__pycache__", ".git"}
+
+
+# ---------------------------------------------------------------- reading the run
+
+
+def find_files(root: Path, match, max_depth: int = MAX_DEPTH) -> list[Path]:
+    """Files under `root` (at most `max_depth` folders down) whose name satisfies `match`."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") and depth < max_depth)
+        found += [Path(folder) / f for f in sorted(files) if match(f)]
+    return found
+
+
+def read_scores(path: str | os.PathLike) -> dict | None:
+    """``{"tensors": {name: tensor}, "meta": dict}`` from a scores file, or None if unreadable.
+
+    Every tensor is optional; the ``slimlm`` metadata entry is JSON (``{}`` if absent or bad).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("slimlm", "{}")
+    except Exception:  # a truncated or foreign file must not stop the report
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = {}
+    return {"tensors": {k: v.float() for k, v in tensors.items()}, "meta": meta if isinstance(meta, dict) else {}}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (lines that are not JSON objects are skipped)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _linked_models(folder: Path) -> list[Path]:
+    """Local model folders that ``slimlm.json`` in `folder` names (pruning source, teacher, student)."""
+    try:
+        prov = json.loads((folder / "slimlm.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for key in ("source", "teacher", "student"):
+        value = prov.get(key) if isinstance(prov, dict) else None
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = folder / p if (folder / p).is_dir() else Path.cwd() / p
+            if not p.is_dir():
+                from ..models import cache_dir
+
+                p = cache_dir() / "models" / value  # an embedded alias lives in the cache
+            if p.is_dir():
+                out.append(p)
+    return out
+
+
+@dataclass
+class Run:
+    """What a run folder holds for the report."""
+
+    root: Path
+    scores: list[tuple[Path, dict]] = field(default_factory=list)
+    metrics: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    evals: list[tuple[Path, dict]] = field(default_factory=list)
+
+
+def collect_run(run_dir: str | os.PathLike, extra_evals: Sequence[str | os.PathLike] = ()) -> Run:
+    """Find scores, metrics and eval results in `run_dir` (plus `extra_evals`)."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise SlimlmError(f"run folder not found: {root}")
+    run = Run(root)
+    for p in find_files(root, lambda n: n.endswith(".safetensors") and "score" in n.lower()):
+        scores = read_scores(p)
+        if scores is not None and scores["tensors"]:
+            run.scores.append((p, scores))
+    for p in find_files(root, lambda n: n == "metrics.jsonl"):
+        records = read_metrics(p)
+        if records:
+            run.metrics.append((p, records))
+
+    eval_paths = find_files(root, lambda n: n == EVAL_FILE)
+    for p in list(eval_paths):
+        eval_paths += [m / EVAL_FILE for m in _linked_models(p.parent)]
+    for folder in {p.parent for p in find_files(root, lambda n: n == "slimlm.json")}:
+        eval_paths += [m / EVAL_FILE for m in _linked_models(folder)]
+    for extra in extra_evals:
+        p = Path(extra).expanduser()
+        p = p / EVAL_FILE if p.is_dir() else p
+        if load_results(p) is None:
+            raise SlimlmError(f"not a readable eval.json: {extra}")
+        eval_paths.append(p)
+    seen = set()
+    for p in eval_paths:
+        key = p.resolve()
+        result = load_results(p) if key not in seen else None
+        seen.add(key)
+        if result is not None:
+            run.evals.append((p, result))
+    # Largest model first: it is the "before".
+    run.evals.sort(key=lambda e: -(e[1].get("parameters") or 0))
+    return run
+
+
+# ---------------------------------------------------------------- plots
+
+
+@dataclass
+class Figure:
+    name: str  # file stem of the PNG
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and the report must not open windows
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _depth_metrics(tensors: dict) -> dict:
+    return {k[len("depth_") :]: v for k, v in tensors.items() if k.startswith("depth_") and v.dim() == 1}
+
+
+DEPTH_LABELS = {
+    "bi": "Block Importance (1 - cos(input, output))",
+    "loss": "LM-loss increase when the layer alone is removed",
+    "magnitude": "weight magnitude (baseline)",
+    "random": "random (baseline)",
+}
+
+
+def score_figures(tag: str, scores: dict) -> list[Figure]:
+    """Plots of one scores file; each is skipped when its tensor is missing."""
+    plt = _plt()
+    t, meta = scores["tensors"], scores["meta"]
+    figs: list[Figure] = []
+    depth = _depth_metrics(t)
+    if depth:
+        fig, axes = plt.subplots(len(depth), 1, figsize=(8, 2.6 * len(depth)), squeeze=False)
+        for ax, (name, values) in zip(axes[:, 0], depth.items()):
+            ax.bar(range(len(values)), values.numpy(), color="#4477aa")
+            ax.set_title(DEPTH_LABELS.get(name, name), fontsize=10)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("importance")
+        figs.append(Figure(f"{tag}layers", "Layer importance", _png(fig), "Higher = more important; depth pruning drops the lowest."))
+    blocks = meta.get("block_losses")
+    if isinstance(blocks, dict) and blocks:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        for k, losses in sorted(blocks.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+            if isinstance(losses, list) and losses:
+                ax.plot(range(len(losses)), losses, marker="o", label=f"{k} layers")
+        ax.set_xlabel("first removed layer")
+        ax.set_ylabel("LM loss without the block")
+        ax.legend(fontsize=8)
+        figs.append(Figure(f"{tag}blocks", "Contiguous blocks", _png(fig), "LM loss after removing K consecutive layers starting at each layer."))
+    heads = t.get("heads")
+    if heads is not None and heads.dim() == 2:
+        fig, ax = plt.subplots(figsize=(min(2 + 0.5 * heads.shape[1], 12), min(1.5 + 0.3 * heads.shape[0], 10)))
+        im = ax.imshow(heads.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, label="importance")
+        figs.append(Figure(f"{tag}heads", "Attention-head importance", _png(fig)))
+    ffn = t.get("ffn")
+    if ffn is not None and ffn.dim() == 2:
+        # Neurons are ranked within their layer, so each row is shown relative to its max.
+        rel = ffn / ffn.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.25 * ffn.shape[0], 10)))
+        im = ax.imshow(rel.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_xlabel("MLP neuron")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, label="importance / layer max")
+        figs.append(Figure(f"{tag}neurons", "MLP-neuron importance", _png(fig), "Each layer scaled by its largest score."))
+    hidden = t.get("hidden")
+    if hidden is not None and hidden.dim() == 1:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+        a.hist(hidden.numpy(), bins=min(60, max(10, hidden.numel() // 8)), color="#228833")
+        a.set_xlabel("score")
+        a.set_ylabel("channels")
+        a.set_title("distribution", fontsize=10)
+        b.plot(hidden.sort(descending=True).values.numpy(), color="#228833")
+        b.set_xlabel("rank")
+        b.set_ylabel("score")
+        b.set_yscale("log" if float(hidden.min()) > 0 else "linear")
+        b.set_title("sorted", fontsize=10)
+        figs.append(Figure(f"{tag}hidden", "Hidden-channel importance", _png(fig), "Scores summed over every norm site feeding a projection."))
+    sites = t.get("hidden_sites")
+    if sites is not None and sites.dim() == 2 and sites.shape[0] > 1:
+        rel = sites / sites.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.15 * sites.shape[0], 10)))
+        im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("hidden channel")
+        ax.set_ylabel("site")
+        fig.colorbar(im, ax=ax, label="score / site max")
+        figs.append(Figure(f"{tag}hidden_sites", "Hidden-channel importance per site", _png(fig)))
+    return figs
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for r in records:
+        x = r.get("tokens", r.get("step"))
+        y = r.get(key)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(y):
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def metrics_figures(tag: str, records: list[dict]) -> list[Figure]:
+    """Training curves (loss and its parts) and validation curves (every ``val_*`` value)."""
+    plt = _plt()
+    is_val = [r.get("event") == "eval" or any(k.startswith("val_") for k in r) for r in records]
+    train = [r for r, v in zip(records, is_val) if not v and r.get("event", "train") == "train"]
+    val = [r for r, v in zip(records, is_val) if v]
+    x_label = "tokens" if any("tokens" in r for r in records) else "step"
+    figs = []
+    train_keys = [k for k in ("loss", "kd", "kl", "ce", "hidden") if _series(train, k)[0]]
+    if train_keys:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for k in train_keys:
+            ax.plot(*_series(train, k), label=k, linewidth=1)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        figs.append(Figure(f"{tag}train", "Training loss", _png(fig)))
+    val_keys = sorted({k for r in val for k in r if k.startswith("val_") and k != "val_ppl" and _series(val, k)[0]})
+    if val_keys:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for k in val_keys:
+            ax.plot(*_series(val, k), label=k, marker="o", linewidth=1)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("held-out value")
+        ax.legend(fontsize=8)
+        figs.append(Figure(f"{tag}validation", "Validation", _png(fig)))
+    return figs
+
+
+# ---------------------------------------------------------------- table
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _params(n) -> str:
+    return "-" if not isinstance(n, (int, float)) else (f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B")
+
+
+def comparison_rows(evals: list[tuple[Path, dict]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the before/after table: one row per model."""
+    tasks: dict[tuple[str, str], None] = {}
+    for _, r in evals:
+        for task, m in (r.get("tasks") or {}).items():
+            metric = "acc_norm" if "acc_norm" in m else "acc" if "acc" in m else next(
+                (k for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr")), None)
+            if metric:
+                tasks[(task, metric)] = None
+    header = ["model", "parameters", "perplexity"] + [f"{t} {m}" for t, m in tasks] + [
+        "prefill tok/s", "decode tok/s", "peak MB"]
+    base = evals[0][1] if evals else {}
+    rows = []
+    for path, r in evals:
+        ppl = (r.get("perplexity") or {}).get("ppl")
+        sp, bsp = r.get("speed") or {}, base.get("speed") or {}
+
+        def with_ratio(key):
+            v, b = sp.get(key), bsp.get(key)
+            if isinstance(v, (int, float)) and isinstance(b, (int, float)) and b and r is not base:
+                return f"{_num(v)} ({v / b:.2f}x)"
+            return _num(v)
+
+        rows.append(
+            [str(r.get("model") or path.parent.name), _params(r.get("parameters")), _num(ppl)]
+            + [_num((r.get("tasks") or {}).get(t, {}).get(m)) for t, m in tasks]
+            + [with_ratio("prefill_tokens_per_s"), with_ratio("decode_tokens_per_s"), _num(sp.get("peak_mem_mb"))]
+        )
+    return header, rows
+
+
+# ---------------------------------------------------------------- writing
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%;display:block;margin:.5em 0}
+figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def _sections(run: Run) -> list[tuple[str, list[Figure], str]]:
+    """(heading, figures, note) for each input found."""
+    sections = []
+    for i, (path, scores) in enumerate(run.scores):
+        figs = score_figures(f"scores{i}_", scores)
+        if figs:
+            sections.append((f"Importance: {path.relative_to(run.root)}", figs, ""))
+    for i, (path, records) in enumerate(run.metrics):
+        figs = metrics_figures(f"metrics{i}_", records)
+        if figs:
+            sections.append((f"Training: {path.relative_to(run.root)}", figs, f"{len(records)} records"))
+    return sections
+
+
+def render_html(title: str, table, sections) -> str:
+    """The report as one HTML page with its images inline."""
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1>"]
+    if table is not None:
+        header, rows = table
+        parts.append("<h2>Before / after</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    for heading, figs, note in sections:
+        parts.append(f"<h2>{esc(heading)}</h2>" + (f"<p>{esc(note)}</p>" if note else ""))
+        for f in figs:
+            data = base64.b64encode(f.png).decode()
+            parts.append(f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{esc(f.title)}{': ' + esc(f.caption) if f.caption else ''}</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, table, sections) -> str:
+    """The report as Markdown; images are the PNG files named after each figure."""
+    md = [f"# {title}", ""]
+    if table is not None:
+        header, rows = table
+        md += ["## Before / after", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        md.append("")
+    for heading, figs, note in sections:
+        md += [f"## {heading}", ""] + ([note, ""] if note else [])
+        for f in figs:
+            md += [f"![{f.title}]({f.name}.png)", "", f"*{f.title}*{': ' + f.caption if f.caption else ''}", ""]
+    return "\n".join(md)
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    extra_evals: Sequence[str | os.PathLike] = (),
+) -> dict:
+    """Build the report of `run_dir` into `output` (default ``RUN_DIR/report``).
+
+    Writes ``report.html`` (self-contained), ``report.md`` and one PNG per figure,
+    atomically.  Returns their paths and what was found.
+    """
+    run = collect_run(run_dir, extra_evals)
+    out = Path(output).expanduser() if output is not None else run.root / "report"
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
+        # The folder is replaced whole: never one that holds something else.
+        raise SlimlmError(f"{out} exists and is not a slimlm report folder; choose another --output")
+    probe = out.parent if not out.exists() else out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise SlimlmError(f"cannot write the report to {out}: permission denied (choose another with --output)")
+    if not (run.scores or run.metrics or run.evals):
+        raise SlimlmError(f"nothing to report in {run.root}: no *scores*.safetensors, metrics.jsonl or eval.json found")
+    sections = _sections(run)
+    table = comparison_rows(run.evals) if run.evals else None
+    title = f"slimlm report: {run.root.resolve().name}"
+    figures = [f for _, figs, _ in sections for f in figs]
+    with atomic_dir(out) as tmp:
+        for f in figures:
+            (tmp / f"{f.name}.png").write_bytes(f.png)
+        (tmp / "report.html").write_text(render_html(title, table, sections), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(title, table, sections), encoding="utf-8")
+    return {
+        "output": str(out),
+        "html": str(out / "report.html"),
+        "markdown": str(out / "report.md"),
+        "images": [str(out / f"{f.name}.png") for f in figures],
+        "scores": [str(p) for p, _ in run.scores],
+        "metrics": [str(p) for p, _ in run.metrics],
+        "evals": [str(p) for p, _ in run.evals],
+    }

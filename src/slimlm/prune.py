@@ -1,0 +1,164 @@
+"""Applying a plan: slice every weight tensor by name (METHOD §3).
+
+Pruning is a function of tensors by name, so the same code runs on a model in
+memory and, shard by shard, on a safetensors checkpoint on disk (peak host memory
+near the largest shard, never the whole model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from . import __version__
+from ._io import atomic_dir
+from .adapters import Adapter, get_adapter
+from .errors import SlimlmError
+from .plan import PrunePlan
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def prune_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, plan: PrunePlan, new_config
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Slice each (name, tensor); tensors of removed layers are dropped, layers renumbered."""
+    new_index = {old: new for new, old in enumerate(plan.kept_layers)}
+    for name, tensor in tensors:
+        layer, rule = adapter.tensor_rule(name)
+        if layer is not None:
+            if layer not in new_index:
+                continue
+            out_name = adapter.rename(name, new_index[layer])
+        else:
+            out_name = name
+        out = tensor
+        for dim, axis in rule.items():
+            index = adapter.axis_index(axis, layer, plan)
+            if index is not None:
+                out = out.index_select(dim, index.to(out.device))
+        out = adapter.adjust_tensor(name, out, plan, new_config)
+        yield out_name, out.contiguous()
+
+
+def _new_empty_model(config, dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def prune_model(model, plan: PrunePlan):
+    """A new, smaller model in memory (the original is left untouched)."""
+    adapter = get_adapter(model)
+    new_config = adapter.new_config(plan)
+    state = dict(prune_tensors(model.state_dict().items(), adapter, plan, new_config))
+    dtype = next(model.parameters()).dtype
+    new = _new_empty_model(new_config, dtype)
+    if getattr(new_config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(new_config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise RuntimeError(f"pruned state does not fit the new config: missing {missing}, unexpected {unexpected}")
+    new.tie_weights()
+    new.eval()
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        new.generation_config = model.generation_config
+    return new
+
+
+def provenance(plan: PrunePlan, source: str, scores_meta: dict | None, targets: dict | None) -> dict:
+    return {
+        "slimlm_version": __version__,
+        "stage": "prune",
+        "source": source,
+        "targets": targets or {},
+        "importance": scores_meta or {},
+        "plan": plan.to_dict(),
+    }
+
+
+def save_pruned_model(model, plan: PrunePlan, out: str | Path, source_dir: str | None, prov: dict, dtype=None, tokenizer=None) -> Path:
+    """Prune the in-memory `model` and write a standard checkpoint atomically."""
+    new = prune_model(model, plan)
+    if dtype is not None:
+        new = new.to(dtype)
+    with atomic_dir(out) as tmp:
+        new.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _finish_folder(tmp, source_dir, prov)
+    return Path(out)
+
+
+def _finish_folder(tmp: Path, source_dir: str | None, prov: dict) -> None:
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.exists() and not (tmp / name).exists():
+                shutil.copy2(src, tmp / name)
+    (tmp / "slimlm.json").write_text(json.dumps(prov, indent=1) + "\n")
+
+
+def checkpoint_shards(folder: str | Path) -> list[Path]:
+    """The safetensors files of a local checkpoint (sharded or single)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, prov: dict) -> Path:
+    """Prune a safetensors checkpoint on disk shard by shard, writing one output shard per input shard."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    source_dir = Path(source_dir)
+    shards = checkpoint_shards(source_dir)
+    if not shards:
+        raise SlimlmError(f"{source_dir} has no safetensors weights to prune shard by shard")
+    config = AutoConfig.from_pretrained(source_dir)
+    adapter = get_adapter(config)
+    new_config = adapter.new_config(plan)
+    tied = bool(getattr(new_config, "tie_word_embeddings", False))
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_dir(out) as tmp:
+        for i, shard in enumerate(shards):
+            with safe_open(str(shard), "pt") as f:
+                names = [n for n in f.keys() if not (tied and n == "lm_head.weight")]
+                sliced = dict(prune_tensors(((n, f.get_tensor(n)) for n in names), adapter, plan, new_config))
+            if not sliced:
+                continue
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sliced, tmp / fname, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in sliced.values())
+            weight_map.update({n: fname for n in sliced})
+            del sliced
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        new_config.save_pretrained(tmp)
+        _finish_folder(tmp, str(source_dir), prov)
+    return Path(out)

@@ -1,0 +1,325 @@
+"""Distillation engine: the chunked loss, the trainer, resume, validation and the CLI (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import save_tiny, tiny_model, tiny_tokenizer
+
+from slimlm.distill import distill, kd_loss, naive_kd_loss
+from slimlm.distill.trainer import NonFiniteLossError, effective_warmup, schedule
+from slimlm.errors import SlimlmError
+
+SEQ = 32
+FAST = dict(seq_len=SEQ, micro_batch=4, progress=False, tensorboard=False)
+
+
+# ---- the loss ------------------------------------------------------------------------------
+def _loss_inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, hs, ht, v = 45, 16, 24, 50
+    return dict(
+        hs=torch.randn(n, hs, generator=g, dtype=dtype).requires_grad_(),
+        w=(0.5 * torch.randn(v, hs, generator=g, dtype=dtype)).requires_grad_(),
+        b=(0.1 * torch.randn(v, generator=g, dtype=dtype)).requires_grad_(),
+        ht=torch.randn(n, ht, generator=g, dtype=dtype),
+        wt=0.5 * torch.randn(v, ht, generator=g, dtype=dtype),
+        labels=torch.where(torch.rand(n, generator=g) < 0.2, -100, torch.randint(0, v, (n,), generator=g)),
+        mask=torch.rand(n, generator=g) > 0.25,
+    )
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse-kl", "jsd", "none"])
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
+def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight):
+    x = _loss_inputs()
+    out = kd_loss(x["hs"], x["w"], x["ht"], x["wt"], student_bias=x["b"], labels=x["labels"], mask=x["mask"],
+                  loss=kind, temperature=temperature, ce_weight=ce_weight, chunk_size=8)
+    grads = torch.autograd.grad(out.loss, [x["hs"], x["w"], x["b"]])
+    ref = naive_kd_loss(x["hs"] @ x["w"].T + x["b"], x["ht"] @ x["wt"].T, labels=x["labels"], mask=x["mask"],
+                        loss=kind, temperature=temperature, ce_weight=ce_weight)
+    ref_grads = torch.autograd.grad(ref, [x["hs"], x["w"], x["b"]])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-7)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert out.n_tokens == int(x["mask"].sum())
+
+
+def test_chunked_loss_by_hand_and_with_teacher_logits_and_modules():
+    x = _loss_inputs(torch.float64)
+    p = F.log_softmax(x["ht"] @ x["wt"].T, -1)
+    q = F.log_softmax(x["hs"] @ x["w"].T, -1)
+    by_hand = (p.exp() * (p - q)).sum(-1).mean()  # forward KL, no mask, T = 1
+    head = torch.nn.Linear(16, 50, bias=False, dtype=torch.float64)
+    head.weight.data.copy_(x["w"].detach())
+    a = kd_loss(x["hs"], x["w"], x["ht"], x["wt"], chunk_size=7)
+    b = kd_loss(x["hs"], head, teacher_logits=x["ht"] @ x["wt"].T, chunk_size=1000)
+    torch.testing.assert_close(a.loss, by_hand, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.loss, by_hand, rtol=1e-10, atol=0)
+    torch.testing.assert_close(a.kl, by_hand.detach(), rtol=1e-10, atol=0)
+
+
+def test_chunked_loss_keeps_no_logits_for_backward():
+    n, h, v = 256, 16, 2000
+    hs, w = torch.randn(n, h, requires_grad=True), torch.randn(v, h, requires_grad=True)
+    ht, wt = torch.randn(n, h), torch.randn(v, h)
+
+    def saved_bytes(recompute):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kd_loss(hs, w, ht, wt, chunk_size=32, recompute=recompute)
+        return total[0]
+
+    one_logit_tensor = n * v * 4
+    assert saved_bytes(True) < one_logit_tensor / 10  # only the hidden-state chunks
+    assert saved_bytes(False) > one_logit_tensor
+
+
+def test_bad_loss_name():
+    x = _loss_inputs()
+    with pytest.raises(SlimlmError, match="unknown loss"):
+        kd_loss(x["hs"], x["w"], x["ht"], x["wt"], loss="mse")
+
+
+def test_schedule_warmup_and_cosine():
+    assert effective_warmup(40, 1000) == 40 and effective_warmup(40, 50) == 5 and effective_warmup(40, 3) == 0
+    lrs = [schedule(s, 100, 1e-4, 1e-5, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5 and lrs[-1] < 1.1e-5
+
+
+# ---- the trainer ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill-models")
+    teacher = save_tiny("llama", root / "teacher")
+    student = save_tiny("llama", root / "student", num_hidden_layers=2)  # a "depth-pruned" random student
+    corpus = root / "corpus.txt"
+    corpus.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + "\n") * 20)
+    return {"teacher": str(teacher), "student": str(student), "data": str(corpus), "root": root}
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_distill_lowers_kl_and_exports_a_standard_checkpoint(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = distill(models["teacher"], models["student"], models["data"], out, tokens=8 * 8 * SEQ,
+                     global_batch=8, lr=2e-3, eval_every=4, heldout=8, **FAST)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_kl"] < 0.8 * evals[0]["val_kl"]
+    assert len([r for r in records if r["event"] == "train"]) == 8
+    assert result.complete and result.steps == 8 and result.tokens == 8 * 8 * SEQ
+    assert result.metrics["val_kl"] == pytest.approx(evals[-1]["val_kl"])
+
+    meta = json.loads((out / "slimlm.json").read_text())
+    assert meta["teacher"] == models["teacher"] and meta["loss"]["kind"] == "kl"
+    assert meta["hyperparameters"]["warmup_steps"] == 0 and meta["final_metrics"]["val_kl"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and "_slimlm_source" not in json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer.json").exists() and list((out / "run" / "cache").glob("windows-*.npy"))
+
+
+def test_lm_mode_loss_is_cross_entropy(models, tmp_path):
+    from slimlm.distill.data import WindowOrder
+    from slimlm.distill.modules import StudentObjective
+
+    student = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(4, 96, (3, SEQ))
+    want = F.cross_entropy(student(ids).logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
+    got = StudentObjective(student, mode="lm", chunk_size=16)(ids)["loss"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # End to end: the first logged loss is the CE of the untouched student on the first batch.
+    records = []
+    distill(None, student, models["data"], tmp_path / "lm", tokens=2 * 4 * SEQ, mode="lm", eval_every=0,
+            save_every=0, tokenizer=tiny_tokenizer(), on_step=records.append, **FAST)
+    windows = np.load(next((tmp_path / "lm" / "run" / "cache").glob("windows-*.npy")))
+    first = torch.from_numpy(windows[WindowOrder(len(windows), 0).indices(0, 4)].astype(np.int64))
+    start = tiny_model("llama", num_hidden_layers=2)
+    want = F.cross_entropy(start(first).logits[:, :-1].reshape(-1, 96), first[:, 1:].reshape(-1))
+    assert records[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert "kl" not in records[0]
+
+
+def test_resume_gives_the_same_weights(models, tmp_path):
+    """4 steps straight vs 2 steps, stop, resume: bitwise equal on one CPU process (same ops, same order)."""
+    kw = dict(tokens=4 * 8 * SEQ, global_batch=8, lr=2e-3, warmup=1, eval_every=0, save_every=0, **FAST)
+    distill(models["teacher"], models["student"], models["data"], tmp_path / "a", **kw)
+    part = distill(models["teacher"], models["student"], models["data"], tmp_path / "b", stop_after=2, **kw)
+    assert not part.complete and part.steps == 2 and not (tmp_path / "b" / "slimlm.json").exists()
+    done = distill(models["teacher"], models["student"], models["data"], tmp_path / "b", resume=True, **kw)
+    assert done.complete and done.steps == 4
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_with_other_settings_is_refused(models, tmp_path):
+    kw = dict(tokens=4 * 4 * SEQ, eval_every=0, save_every=0, **FAST)
+    distill(models["teacher"], models["student"], models["data"], tmp_path / "r", stop_after=1, **kw)
+    with pytest.raises(SlimlmError, match="different settings"):
+        distill(models["teacher"], models["student"], models["data"], tmp_path / "r", resume=True,
+                **{**kw, "seq_len": 16})
+    with pytest.raises(SlimlmError, match="unfinished run"):
+        distill(models["teacher"], models["student"], models["data"], tmp_path / "r", **kw)
+    with pytest.raises(SlimlmError, match="nothing to resume"):
+        distill(models["teacher"], models["student"], models["data"], tmp_path / "new", resume=True, **kw)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+
+    def poison(record):
+        if record["step"] == 3:
+            with torch.no_grad():
+                student.model.norm.weight.fill_(float("nan"))
+
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="step 4.*step-00000002"):
+        distill(models["teacher"], student, models["data"], out, tokens=6 * 4 * SEQ, eval_every=0, save_every=2,
+                tokenizer=tiny_tokenizer(), on_step=poison, **FAST)
+    assert (out / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").exists()
+    assert not (out / "slimlm.json").exists()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+def test_hidden_cosine_loss_with_a_narrower_student(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    narrow = save_tiny("llama", tmp_path / "narrow", num_hidden_layers=2, hidden_size=36)
+    records = []
+    distill(models["teacher"], str(narrow), models["data"], tmp_path / "h", tokens=2 * 4 * SEQ, eval_every=0,
+            save_every=0, hidden_loss="cosine", layer_map="0:1,1:3", on_step=records.append, **FAST)
+    assert 0 < records[0]["hidden"] <= 2 and records[0]["loss"] > records[0]["kd"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "h")  # the projection is not exported
+    assert json.loads((tmp_path / "h" / "slimlm.json").read_text())["loss"]["layer_map"] == [[0, 1], [1, 3]]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a model or the data gets loaded: errors must come first."""
+    import slimlm.distill.trainer as trainer
+
+    def boom(*a, **k):
+        raise AssertionError("work started before validation finished")
+
+    monkeypatch.setattr(trainer, "load_model", boom)
+    monkeypatch.setattr(trainer, "cached_windows", boom)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "no text|holds no|no readable"),
+    ("seq", "max_position_embeddings"),
+    ("out", "is a file"),
+    ("loss", "unknown loss"),
+    ("hidden", "unknown hidden loss"),
+    ("batch", "not a multiple"),
+    ("layer_map", "bad layer pair"),
+    ("vocab", "vocabularies differ"),
+    ("tokenizer", "tokenizers differ"),
+])
+def test_bad_inputs_fail_before_work(models, tmp_path, no_work, case, match):
+    args = dict(teacher=models["teacher"], student=models["student"], data=models["data"], out=tmp_path / "o",
+                tokens=1000, **FAST)
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args["data"] = str(tmp_path / "empty.txt")
+    elif case == "seq":
+        args["seq_len"] = 256
+    elif case == "out":
+        (tmp_path / "file").write_text("x")
+        args["out"] = tmp_path / "file" / "o"
+    elif case == "loss":
+        args["loss"] = "mse"
+    elif case == "hidden":
+        args["hidden_loss"] = "mse"
+    elif case == "batch":
+        args["global_batch"] = 6
+    elif case == "layer_map":
+        args.update(hidden_loss="cosine", layer_map="0:9")
+    elif case == "vocab":
+        args["student"] = str(save_tiny("llama", tmp_path / "v", vocab_size=128))
+    elif case == "tokenizer":
+        student = save_tiny("llama", tmp_path / "t")
+        vocab_file = tmp_path / "t" / "tokenizer.json"
+        data = json.loads(vocab_file.read_text())
+        vocab = data["model"]["vocab"]
+        vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, different ids
+        vocab_file.write_text(json.dumps(data))
+        args["student"] = str(student)
+    with pytest.raises(SlimlmError, match=match):
+        distill(**args)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- the command line ----------------------------------------------------------------------
+def _cli(argv, capsys):
+    from slimlm.cli import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_distill_and_correct_teacher(models, tmp_path, capsys):
+    import slimlm.cli
+
+    slimlm.cli._register_commands()
+    names = {c.name for c in slimlm.cli.app.registered_commands}
+    assert {"distill", "correct-teacher"} <= names
+    common = ["--data", models["data"], "--seq-len", str(SEQ), "--micro-batch", "4", "--eval-every", "0",
+              "--json", "-q"]
+    code, out, err = _cli(["distill", "--teacher", models["teacher"], "--student", models["student"], "-o",
+                           str(tmp_path / "d"), "--tokens", "256", "--loss", "jsd", *common], capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["complete"] and result["steps"] == 2 and result["mode"] == "kd"
+    assert json.loads((tmp_path / "d" / "slimlm.json").read_text())["loss"]["kind"] == "jsd"
+
+    code, out, err = _cli(["correct-teacher", models["teacher"], "-o", str(tmp_path / "c"), "--tokens", "0.128k",
+                           *common], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "c" / "slimlm.json").read_text())
+    assert meta["kind"] == "lm-training" and meta["hyperparameters"]["lr"] == 1e-5
+    assert json.loads(out.strip().splitlines()[-1])["mode"] == "lm"
+
+
+@pytest.mark.parametrize("extra,match", [(["--loss", "mse"], "unknown loss"), (["--tokens", "lots"], "--tokens")])
+def test_cli_user_errors_exit_2(models, tmp_path, capsys, extra, match):
+    code, out, err = _cli(["distill", "--teacher", models["teacher"], "--student", models["student"], "-o",
+                           str(tmp_path / "x"), "--data", models["data"], *extra], capsys)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_slimlm_lists_the_commands():
+    done = subprocess.run([sys.executable, "-m", "slimlm", "distill", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--teacher" in done.stdout and "--layer-map" in done.stdout

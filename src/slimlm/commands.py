@@ -127,3 +127,116 @@ def prune(
     )
     if json_out:
         emit_json(result)
+
+
+@app.command()
+def search(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Search folder: candidates, ranking, winner (resumable)."),
+    target_params: float = typer.Option(..., help="Parameter target, e.g. 9e7."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    text_field: str = typer.Option("text", help="Field holding the text in JSONL/Parquet/datasets sources."),
+    tolerance: float = typer.Option(0.05, help="Keep shapes within this fraction of the target."),
+    max_width_prune: float = typer.Option(0.4, help="Largest fraction of any width axis to remove."),
+    max_depth_prune: float = typer.Option(0.2, help="Largest fraction of layers to remove."),
+    max_candidates: int = typer.Option(8, help="Distill at most this many candidates (closest to the target first)."),
+    keep_heads: bool = typer.Option(False, "--keep-heads", help="Do not prune attention heads (the paper's choice)."),
+    hidden_step: int = typer.Option(64, help="Grid step of the hidden size."),
+    ffn_step: int = typer.Option(128, help="Grid step of the MLP size."),
+    search_tokens: int = typer.Option(20000, help="Distillation tokens per candidate (paper: ~400 steps)."),
+    scores: Optional[Path] = typer.Option(None, help="Reuse a scores file (else computed into OUT/scores.safetensors)."),
+    calib_samples: int = typer.Option(api.DEFAULT_CALIB_SAMPLES, help="Calibration windows."),
+    seq_len: int = typer.Option(api.DEFAULT_SEQ_LEN, help="Tokens per window (calibration and distillation)."),
+    micro_batch: int = typer.Option(4, help="Distillation micro-batch."),
+    global_batch: int = typer.Option(16, help="Distillation global batch."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate of the short distillations."),
+    seed: int = typer.Option(0, help="Seed."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
+):
+    """Find the best uniform shape for a parameter budget: prune candidates, distill each briefly, rank by validation KL."""
+    from .importance import Scores, block_removal_losses
+    from .models import load_model, load_tokenizer
+    from .search import enumerate_candidates, keep_winner, run_search
+    from .adapters import get_adapter
+    from .models import load_config
+    from .pipeline import _write_search_table
+    from .data import check_source
+
+    adapter = get_adapter(load_config(model))
+    cands = enumerate_candidates(adapter, int(target_params), tolerance=tolerance, max_width_prune=max_width_prune,
+                                 max_depth_prune=max_depth_prune, hidden_step=hidden_step, ffn_step=ffn_step,
+                                 max_candidates=max_candidates, prune_heads=not keep_heads)
+    check_source(data, text_field)
+    output.mkdir(parents=True, exist_ok=True)
+    scores_path = Path(scores) if scores else output / "scores.safetensors"
+    teacher = load_model(model, dtype=dtype)
+    tok = load_tokenizer(model)
+    if scores_path.exists():
+        sc = Scores.load(scores_path)
+        sc.check_matches(adapter.shape())
+    else:
+        sc = api.importance(model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples,
+                            seq_len=seq_len, depth_loss=False, seed=seed, loaded=teacher, overwrite=True)
+    need = sorted({adapter.shape().layers - c.shape.layers for c in cands} - {0} - set(sc.block_losses))
+    if need:
+        m = sc.meta
+        _, held = api.calibration_windows(tok, m.get("data", data), m.get("seq_len", seq_len), m.get("calib_samples", calib_samples),
+                                          m.get("heldout") or api.DEFAULT_HELDOUT, m.get("seed", seed), m.get("text_field", text_field))
+        for k in need:
+            sc.block_losses[k] = block_removal_losses(teacher, held, k)
+        sc.save(scores_path)
+    console.print(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
+    results = run_search(teacher, tok, sc, cands, output, data=data, search_tokens=search_tokens,
+                         distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr,
+                                             seed=seed, dtype=dtype, text_field=text_field))
+    _write_search_table(output, results)
+    winner = keep_winner(output, results)
+    table = Table(title="search ranking (validation KL to the teacher, lower is better)")
+    for col in ("rank", "candidate", "parameters", "val KL", "val LM loss"):
+        table.add_column(col)
+    for i, row in enumerate(results, 1):
+        table.add_row(str(i), row["candidate"], _fmt_params(row["params"]),
+                      f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-",
+                      f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-")
+    Console().print(table)
+    console.print(f"[green]winner {results[0]['candidate']} -> {winner}[/green]")
+    if json_out:
+        emit_json({"output": str(output), "winner": results[0], "winner_path": str(winner), "ranking": results})
+
+
+@app.command("run")
+def run_command(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the embedded SmolLM2-135M recipe)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<recipe name>)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo from this stage: correct, importance, prune, distill, eval, report."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
+):
+    """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> eval -> report (resumable)."""
+    from .pipeline import STAGES, run
+    from .recipe import load_recipe
+
+    if from_stage is not None and from_stage not in STAGES:
+        from .errors import SlimlmError
+
+        raise SlimlmError(f"--from expects one of {', '.join(STAGES)}, got '{from_stage}'")
+    r, text = load_recipe(recipe)
+    out = output or Path("runs") / (recipe.stem if recipe else "default")
+    summary = run(r, text, out, from_stage=from_stage)
+    table = Table(title=f"before / after ({out})")
+    for col in ("model", "parameters", "perplexity", "prefill tok/s", "decode tok/s"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for row in summary["rows"]:
+        table.add_row(
+            row["model"],
+            _fmt_params(row["parameters"]) if row["parameters"] else "-",
+            f"{row['ppl']:.2f}" if row["ppl"] else "-",
+            f"{row['prefill_tok_s']:.0f}" if row["prefill_tok_s"] else "-",
+            f"{row['decode_tok_s']:.1f}" if row["decode_tok_s"] else "-",
+        )
+    Console().print(table)
+    if summary["report"]:
+        Console().print(f"report: {summary['report']}")
+    Console().print(f"student: {summary['student']}")
+    if json_out:
+        emit_json(summary)

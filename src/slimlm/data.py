@@ -27,13 +27,26 @@ TABLE_SUFFIXES = {".parquet", ".csv", ".arrow"}
 KNOWN_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES
 
 
+BUILTIN_CORPORA = ("python-docs", "python-docs-heldout", "python-docs-all")
+
+
 def builtin_corpus(name: str = "python-docs") -> list[str]:
-    """Documents of the embedded default corpus."""
-    if name != "python-docs":
-        raise SlimlmError(f"unknown builtin corpus '{name}' (available: python-docs)")
+    """Documents of the embedded corpus: Python's reference documentation (`pydoc_data`).
+
+    ``python-docs`` is nine topics in ten (for calibration and training),
+    ``python-docs-heldout`` the tenth (for evaluation on text not trained on),
+    ``python-docs-all`` every topic.
+    """
+    if name not in BUILTIN_CORPORA:
+        raise SlimlmError(f"unknown builtin corpus '{name}' (available: {', '.join(BUILTIN_CORPORA)})")
     from pydoc_data.topics import topics
 
-    return [topics[k] for k in sorted(topics)]
+    docs = [topics[k] for k in sorted(topics)]
+    if name == "python-docs":
+        return [d for i, d in enumerate(docs) if i % 10 != 5]
+    if name == "python-docs-heldout":
+        return [d for i, d in enumerate(docs) if i % 10 == 5]
+    return docs
 
 
 def _files_of(source: str) -> list[Path]:

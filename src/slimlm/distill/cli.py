@@ -25,7 +25,12 @@ def parse_count(text: str, what: str = "--tokens") -> int:
 
 
 def _report(result, as_json: bool, what: str) -> None:
+    from accelerate import PartialState
+
     from ..cli import emit_json
+
+    if not PartialState().is_main_process:  # under a launcher, one process reports
+        return
 
     m = result.metrics or {}
     parts = [f"{result.steps} steps", f"{result.tokens:,} tokens"]
@@ -66,6 +71,10 @@ def register(app: typer.Typer) -> None:
         layer_map: Optional[str] = typer.Option(
             None, "--layer-map", help="Student:teacher layer pairs for --hidden-loss, e.g. 0:1,1:3 (default evenly spaced)."),
         mode: str = typer.Option("kd", "--mode", help="kd (distillation) or lm (plain LM loss, a baseline)."),
+        chunk_size: int = typer.Option(
+            1024, "--chunk-size", help="Tokens per loss chunk (logits recomputed in backward); 0: full logits."),
+        gradient_checkpointing: bool = typer.Option(
+            False, "--gradient-checkpointing", help="Recompute student layers in backward (less memory)."),
         eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps (0: never)."),
         heldout: int = typer.Option(16, "--heldout", help="Held-out windows for validation."),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Separate held-out text source."),
@@ -87,7 +96,8 @@ def register(app: typer.Typer) -> None:
             warmup=warmup, loss=loss, temperature=temperature, ce_weight=ce_weight, hidden_loss=hidden_loss,
             layer_map=layer_map, mode=mode, eval_every=eval_every, heldout=heldout, eval_data=eval_data,
             save_every=save_every, resume=resume, seed=seed, dtype=dtype, text_field=text_field,
-            overwrite=overwrite, progress=not quiet,
+            overwrite=overwrite, progress=not quiet, chunk_size=chunk_size,
+            gradient_checkpointing=gradient_checkpointing,
         )
         _report(result, as_json, "distilled student" if mode == "kd" else "LM-trained student")
 

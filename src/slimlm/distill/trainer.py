@@ -17,17 +17,18 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .._io import atomic_dir, atomic_write_json, check_writable_output
+from .._io import atomic_write_json, check_writable_output
 from ..data import DEFAULT_CORPUS, check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
+from .accel import cpu_only, prepare_teacher, reset_accelerate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .export import export_student, provenance
 from .data import WindowOrder, cached_windows, gather, tokenizer_fingerprint
 from .loss import check_loss_name
 from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
@@ -169,6 +170,9 @@ def distill(
         save_every: checkpoint every N steps (default: total/10 within [25, 1000]; 0: never); `resume`
             continues from the newest checkpoint in `out` at the exact data position.
         dtype: 'auto' (fp32 on CPU, bf16 mixed precision on GPUs), 'fp32', 'bf16', 'fp16'.
+        chunk_size: tokens per chunk of the loss (LM head applied inside, logits recomputed in
+            backward); 0 for full logits without recomputation (faster, much more memory).
+        gradient_checkpointing: recompute the student's decoder layers in backward (less memory).
         stop_after: stop (with a checkpoint, no export) after this many optimizer steps in total,
             for time-boxed jobs; run again with `resume=True` to continue.
         on_step: called on the main process with each training metrics record.
@@ -191,7 +195,7 @@ def distill(
         elif mode == "lm":
             raise SlimlmError("--hidden-loss needs mode 'kd' (a teacher to match)")
     for name, value, low in (("tokens", tokens, 1), ("seq-len", seq_len, 2), ("micro-batch", micro_batch, 1),
-                             ("heldout", heldout, 0), ("chunk-size", chunk_size, 1)):
+                             ("heldout", heldout, 0), ("chunk-size", chunk_size, 0)):
         if not isinstance(value, int) or value < low:
             raise SlimlmError(f"--{name} must be an integer >= {low}, got {value}")
     if not (lr > 0) or min_lr < 0 or min_lr > lr:
@@ -203,7 +207,8 @@ def distill(
 
     from accelerate import PartialState
 
-    world = PartialState().num_processes
+    cpu = cpu_only()
+    world = PartialState(cpu=cpu).num_processes
     global_batch = global_batch or micro_batch * world
     if global_batch % (micro_batch * world):
         raise SlimlmError(
@@ -261,17 +266,25 @@ def distill(
     if resume:
         _check_same_run(run_dir, settings)
 
-    # ---- 4. data (tokenized once, cached) ------------------------------------------------
+    # ---- 4. the accelerator (the rest runs in _run, which always releases it) -------------
     from accelerate import Accelerator
 
     compute_dtype = pick_dtype(dtype)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "no")
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed,
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed, cpu=cpu,
                               step_scheduler_with_optimizer=False)
+    if accelerator.gradient_accumulation_steps != accum:
+        # An accelerate config / ACCELERATE_GRADIENT_ACCUMULATION_STEPS overrides what we pass.
+        got = accelerator.gradient_accumulation_steps
+        reset_accelerate()
+        raise SlimlmError(
+            f"the accelerate config sets gradient accumulation to {got}, but --global-batch {global_batch} needs "
+            f"{accum}; remove gradient_accumulation_steps from the accelerate config"
+        )
     try:
         return _run(**locals())
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 def _run(accelerator, **kw) -> DistillResult:
@@ -291,6 +304,7 @@ def _run(accelerator, **kw) -> DistillResult:
             atomic_write_json(run_dir / "config.json", g.settings)
     accelerator.wait_for_everyone()
 
+    # ---- 5. data (tokenized once, cached) ------------------------------------------------
     need = g.total_steps * g.global_batch
     n_heldout = g.heldout if g.eval_every else 0
     with accelerator.main_process_first():
@@ -314,7 +328,7 @@ def _run(accelerator, **kw) -> DistillResult:
         print(f"note: {len(windows)} training windows for {need} needed; the data repeats "
               f"({need / len(windows):.1f} epochs)", file=sys.stderr, flush=True)
 
-    # ---- 5. models ---------------------------------------------------------------------
+    # ---- 6. models ---------------------------------------------------------------------
     torch.manual_seed(g.seed)
     # Mixed precision keeps fp32 master weights for the student; the frozen teacher runs in the compute dtype.
     s_model = g.student if not isinstance(g.student, (str, os.PathLike)) else load_model(
@@ -324,7 +338,9 @@ def _run(accelerator, **kw) -> DistillResult:
     if use_teacher:
         t_model = g.teacher if not isinstance(g.teacher, (str, os.PathLike)) else load_model(g.t_spec, g.compute_dtype)
     if g.gradient_checkpointing:
-        s_model.gradient_checkpointing_enable()
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable.
+        enable = getattr(s_model, "activation_checkpointing_enable", None) or s_model.gradient_checkpointing_enable
+        enable()
     s_model.config.use_cache = False
     s_model.train()
     objective = StudentObjective(
@@ -340,7 +356,7 @@ def _run(accelerator, **kw) -> DistillResult:
     accelerator.register_for_checkpointing(scheduler)
     teacher_fwd = teacher_head = None
     if use_teacher:
-        teacher_fwd = _prepare_teacher(accelerator, TeacherForward(t_model, tuple(t for _, t in g.pairs)))
+        teacher_fwd = prepare_teacher(accelerator, TeacherForward(t_model, tuple(t for _, t in g.pairs)))
         teacher_head = lm_head(accelerator.unwrap_model(teacher_fwd).hf_model)
 
     start_step, elapsed_before, last_eval = 0, 0.0, {}
@@ -366,7 +382,7 @@ def _run(accelerator, **kw) -> DistillResult:
                                                             "total_steps": g.total_steps}, keep=g.keep_checkpoints)
         return str(path)
 
-    # ---- 6. the loop -------------------------------------------------------------------
+    # ---- 7. the loop -------------------------------------------------------------------
     if start_step == 0 and g.eval_every:
         last_eval = evaluate(0)
     bar = progress_bar(g.total_steps, start_step, g.progress and main)
@@ -438,14 +454,14 @@ def _run(accelerator, **kw) -> DistillResult:
         monitor.close()
         return DistillResult(str(out), g.mode, end_step, end_step * tokens_per_step, False, last_eval, elapsed, last_ckpt)
 
-    # ---- 7. final validation and export --------------------------------------------------
+    # ---- 8. final validation and export --------------------------------------------------
     final = evaluate(g.total_steps) if len(held) else {}
     if g.save_every:
         last_ckpt = checkpoint(g.total_steps, elapsed)
     monitor.close()
     metrics = {**final, "train_loss": record["loss"] if end_step > start_step else None}
-    provenance = _provenance(g, metrics, elapsed)
-    _export(accelerator, objective, g.tok, out, provenance, g.compute_dtype, g.student)
+    meta = provenance(g, metrics, elapsed)
+    export_student(accelerator, objective, g.tok, out, meta, g.compute_dtype)
     return DistillResult(str(out), g.mode, g.total_steps, g.total_steps * tokens_per_step, True, metrics, elapsed,
                          last_ckpt)
 
@@ -496,127 +512,3 @@ def _evaluate(accelerator, objective, teacher_fwd, teacher_head, held, micro_bat
     if teacher_fwd is not None:
         metrics = {"val_kl": (sums[0] / sums[2]).item(), **metrics}
     return metrics
-
-
-def _prepare_teacher(accelerator, teacher):
-    """Place (and under FSDP2 / ZeRO-3, shard) the frozen teacher without giving it an optimizer."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise SlimlmError("slimlm supports FSDP version 2 only (set fsdp_version: 2 in the accelerate config)")
-        return fsdp2_prepare_model(accelerator, teacher).eval()
-    if kind == DistributedType.DEEPSPEED:
-        import copy
-
-        import deepspeed
-
-        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        for key in ("optimizer", "scheduler"):
-            config.pop(key, None)
-        stage = config.get("zero_optimization", {}).get("stage", 0)
-        if stage != 3:  # ZeRO 1/2 shard only optimizer state: a frozen teacher is simply replicated
-            config["zero_optimization"] = {"stage": 0}
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        return engine.eval()
-    return teacher.to(accelerator.device)
-
-
-def _provenance(g, metrics: dict, elapsed: float) -> dict:
-    import accelerate
-    import transformers
-
-    try:
-        from importlib.metadata import version
-
-        slimlm_version = version("slimlm")
-    except Exception:
-        slimlm_version = None
-    parent = None
-    if g.s_spec and (Path(g.s_spec).expanduser() / "slimlm.json").exists():
-        import json
-
-        parent = json.loads((Path(g.s_spec).expanduser() / "slimlm.json").read_text())
-    return {
-        "slimlm": slimlm_version,
-        "kind": "distill" if g.mode == "kd" else "lm-training",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "teacher": g.t_spec,
-        "student": g.s_spec,
-        "data": str(g.data),
-        "eval_data": str(g.eval_data) if g.eval_data else None,
-        "tokens": g.total_steps * g.global_batch * g.seq_len,
-        "tokens_requested": g.tokens,
-        "steps": g.total_steps,
-        "loss": {"mode": g.mode, "kind": g.loss, "temperature": g.temperature, "ce_weight": g.ce_weight,
-                 "hidden_loss": g.hidden_loss, "layer_map": [list(p) for p in g.pairs],
-                 "hidden_weight": g.hidden_weight},
-        "hyperparameters": {
-            "seq_len": g.seq_len, "micro_batch": g.micro_batch, "global_batch": g.global_batch,
-            "grad_accumulation": g.accum, "processes": g.world, "lr": g.lr, "min_lr": g.min_lr,
-            "warmup_steps": g.warmup_steps, "warmup_requested": g.warmup, "schedule": "cosine",
-            "clip": g.clip, "optimizer": "AdamW(0.9, 0.95)", "weight_decay": g.weight_decay, "seed": g.seed,
-            "dtype": str(g.compute_dtype).replace("torch.", ""), "mixed_precision": g.mixed,
-        },
-        "final_metrics": metrics,
-        "elapsed_s": round(elapsed, 2),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "accelerate": accelerate.__version__},
-        "parent": parent,
-    }
-
-
-def _export(accelerator, objective, tokenizer, out: Path, provenance: dict, save_dtype, student_arg) -> None:
-    """Write the student as a standard HF checkpoint into `out`, atomically (run state carried over)."""
-    state = accelerator.get_state_dict(objective)  # every process: gathers shards under FSDP / ZeRO-3
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(objective).hf_model
-        prefix = "hf_model."
-        state = {k[len(prefix):]: (v.to(save_dtype) if v.is_floating_point() else v)
-                 for k, v in state.items() if k.startswith(prefix)}
-        config = model.config
-        source = config.__dict__.pop("_slimlm_source", None)  # load_model's note, not a config field
-        old_dtype = getattr(config, "dtype", None)
-        try:
-            config.dtype = save_dtype
-            with atomic_dir(out) as tmp:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                _carry(out, tmp)
-                atomic_write_json(tmp / "slimlm.json", provenance)
-        finally:
-            config.dtype = old_dtype
-            if source is not None:
-                config._slimlm_source = source
-    accelerator.wait_for_everyone()
-
-
-def _carry(out: Path, tmp: Path) -> None:
-    """Bring the run's metrics and state into the new output folder (hard links: no copy, no risk)."""
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    if (out / "metrics.jsonl").exists():
-        link(out / "metrics.jsonl", tmp / "metrics.jsonl")
-    if (out / "run").is_dir():
-        shutil.copytree(out / "run", tmp / "run", copy_function=link)
-
-
-def _reset_accelerate() -> None:
-    """Forget this run's Accelerate settings so that another `distill` call in the process starts clean.
-
-    The process group (PartialState) is kept: under `accelerate launch` it belongs to the launcher.
-    """
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-    except Exception:
-        pass

@@ -183,6 +183,20 @@ def _plt():
     return plt
 
 
+def _integer_ticks(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _integer_yticks(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _depth_metrics(tensors: dict) -> dict:
     return {k[len("depth_") :]: v for k, v in tensors.items() if k.startswith("depth_") and v.dim() == 1}
 
@@ -193,6 +207,18 @@ DEPTH_LABELS = {
     "magnitude": "weight magnitude (baseline)",
     "random": "random (baseline)",
 }
+
+
+def _row_relative(t):
+    """Each row divided by its largest value, floored at 1e-3 (for a log colour scale)."""
+    return (t.abs() / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-3).numpy()
+
+
+def _log_norm():
+    from matplotlib.colors import LogNorm
+
+    # Scores span orders of magnitude inside a layer; a linear scale shows only the outliers.
+    return LogNorm(vmin=1e-3, vmax=1.0)
 
 
 def score_figures(tag: str, scores: dict) -> list[Figure]:
@@ -208,6 +234,7 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
             ax.set_title(DEPTH_LABELS.get(name, name), fontsize=10)
             ax.set_xlabel("layer")
             ax.set_ylabel("importance")
+            _integer_ticks(ax)
         figs.append(Figure(f"{tag}layers", "Layer importance", _png(fig), "Higher = more important; depth pruning drops the lowest."))
     blocks = meta.get("block_losses")
     if isinstance(blocks, dict) and blocks:
@@ -217,6 +244,7 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
                 ax.plot(range(len(losses)), losses, marker="o", label=f"{k} layers")
         ax.set_xlabel("first removed layer")
         ax.set_ylabel("LM loss without the block")
+        _integer_ticks(ax)
         ax.legend(fontsize=8)
         figs.append(Figure(f"{tag}blocks", "Contiguous blocks", _png(fig), "LM loss after removing K consecutive layers starting at each layer."))
     heads = t.get("heads")
@@ -225,22 +253,31 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         im = ax.imshow(heads.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
+        _integer_ticks(ax)
+        _integer_yticks(ax)
         fig.colorbar(im, ax=ax, label="importance")
         figs.append(Figure(f"{tag}heads", "Attention-head importance", _png(fig)))
     ffn = t.get("ffn")
     if ffn is not None and ffn.dim() == 2:
         # Neurons are ranked within their layer, so each row is shown relative to its max.
-        rel = ffn / ffn.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.25 * ffn.shape[0], 10)))
-        im = ax.imshow(rel.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+        im = ax.imshow(_row_relative(ffn), aspect="auto", cmap="magma", interpolation="nearest", norm=_log_norm())
         ax.set_xlabel("MLP neuron")
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label="importance / layer max")
-        figs.append(Figure(f"{tag}neurons", "MLP-neuron importance", _png(fig), "Each layer scaled by its largest score."))
+        _integer_yticks(ax)
+        fig.colorbar(im, ax=ax, label="importance / layer max (log)")
+        figs.append(Figure(f"{tag}neurons", "MLP-neuron importance", _png(fig), "Each layer scaled by its largest score (log colour scale)."))
     hidden = t.get("hidden")
     if hidden is not None and hidden.dim() == 1:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-        a.hist(hidden.numpy(), bins=min(60, max(10, hidden.numel() // 8)), color="#228833")
+        values, bins = hidden.numpy(), min(60, max(10, hidden.numel() // 8))
+        low, high = float(hidden.min()), float(hidden.max())
+        if low > 0 and high / low > 10:  # a few huge channels (massive activations) are common
+            import numpy as np
+
+            bins = np.geomspace(low, high, bins + 1)
+            a.set_xscale("log")
+        a.hist(values, bins=bins, color="#228833")
         a.set_xlabel("score")
         a.set_ylabel("channels")
         a.set_title("distribution", fontsize=10)
@@ -252,12 +289,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         figs.append(Figure(f"{tag}hidden", "Hidden-channel importance", _png(fig), "Scores summed over every norm site feeding a projection."))
     sites = t.get("hidden_sites")
     if sites is not None and sites.dim() == 2 and sites.shape[0] > 1:
-        rel = sites / sites.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.15 * sites.shape[0], 10)))
-        im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        im = ax.imshow(_row_relative(sites), aspect="auto", cmap="viridis", interpolation="nearest", norm=_log_norm())
         ax.set_xlabel("hidden channel")
         ax.set_ylabel("site")
-        fig.colorbar(im, ax=ax, label="score / site max")
+        fig.colorbar(im, ax=ax, label="score / site max (log)")
         figs.append(Figure(f"{tag}hidden_sites", "Hidden-channel importance per site", _png(fig)))
     return figs
 

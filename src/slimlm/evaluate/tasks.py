@@ -158,16 +158,21 @@ def run_tasks(
     data = parse_task_data(task_data)
     tm = check_tasks(tasks, data, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _quiet_lm_eval():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=tm,
-            log_samples=False,
-            bootstrap_iters=1000,  # stderr of non-mean metrics; lm-eval's 100k is slow on CPU
-        )
+    try:
+        with _quiet_lm_eval():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=tm,
+                log_samples=False,
+                bootstrap_iters=1000,  # stderr of non-mean metrics; lm-eval's 100k is slow on CPU
+            )
+    except (ConnectionError, OSError) as exc:
+        # lm-eval's own tasks download their data from the hub on first use.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SlimlmError(f"a task's data could not be loaded (offline, or not on the hub?): {first}") from exc
     results = {}
     for task, entry in out["results"].items():
         metrics = _metrics(entry)

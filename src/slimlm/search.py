@@ -1,0 +1,160 @@
+"""Architecture search (METHOD §5): uniform candidate shapes near a parameter target,
+each pruned from the same importance scores and briefly distilled, ranked by
+validation KL to the teacher.
+
+Zero-shot rankings are unreliable (the paper's rankings changed until ~300 steps of
+distillation, then held), so every candidate gets the same short distillation.  One
+candidate is in memory at a time; a finished candidate is not redone after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._io import atomic_write_json
+from .adapters import Adapter, Shape
+from .errors import SlimlmError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    shape: Shape
+    params: int
+
+    @property
+    def name(self) -> str:
+        s = self.shape
+        return f"L{s.layers}-H{s.hidden}-F{s.ffn}-Q{s.heads}"
+
+
+def _grid(low: float, high: int, step: int) -> list[int]:
+    start = max(step, math.ceil(low / step) * step)
+    values = list(range(start, high + 1, step))
+    if high not in values:
+        values.append(high)
+    return values
+
+
+def enumerate_candidates(
+    adapter: Adapter,
+    target_params: int,
+    *,
+    tolerance: float = 0.05,
+    max_width_prune: float = 0.4,
+    max_depth_prune: float = 0.2,
+    hidden_step: int = 64,
+    ffn_step: int = 128,
+    max_candidates: int | None = 20,
+    prune_heads: bool = True,
+) -> list[Candidate]:
+    """Uniform shapes within ±`tolerance` of `target_params`, closest first.
+
+    Grids: layers from (1 - max_depth_prune)·L to L; hidden and MLP sizes on multiples
+    of `hidden_step` / `ffn_step` down to (1 - max_width_prune) of the original; query
+    heads on multiples of the KV heads (or the original count with `prune_heads=False`;
+    the paper kept heads when width-pruning).  Parameters are counted analytically.
+    """
+    s = adapter.shape()
+    if not 0 < target_params < adapter.param_count(s):
+        raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
+    if not 0 < tolerance < 1:
+        raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
+    low_w = 1.0 - max_width_prune
+    layers = range(max(1, math.ceil(s.layers * (1.0 - max_depth_prune))), s.layers + 1)
+    hiddens = _grid(s.hidden * low_w, s.hidden, hidden_step)
+    ffns = _grid(s.ffn * low_w, s.ffn, ffn_step)
+    heads = [h for h in range(s.kv_heads, s.heads + 1, s.kv_heads) if h >= s.heads * low_w] if prune_heads else [s.heads]
+    out = []
+    for n in layers:
+        for h in hiddens:
+            for f in ffns:
+                for q in heads:
+                    shape = Shape(n, h, f, q, s.kv_heads, s.head_dim, s.vocab, s.tied)
+                    if adapter.hidden_divisible_by_heads and h % q:
+                        continue
+                    p = adapter.param_count(shape)
+                    if abs(p - target_params) <= tolerance * target_params:
+                        out.append(Candidate(shape, p))
+    if not out:
+        raise SlimlmError(
+            f"no uniform shape within ±{tolerance:.0%} of {target_params:,} parameters under the pruning caps "
+            f"(width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or the caps"
+        )
+    out.sort(key=lambda c: (abs(c.params - target_params), -c.shape.layers, -c.shape.hidden))
+    return out[:max_candidates] if max_candidates else out
+
+
+def run_search(
+    teacher_model,
+    tokenizer,
+    scores,
+    candidates: list[Candidate],
+    out: Path,
+    *,
+    data,
+    search_tokens: int,
+    distill_kwargs: dict,
+    depth_metric: str = "block",
+    progress: bool = True,
+) -> list[dict]:
+    """Prune, briefly distill and score each candidate; results are cached per candidate."""
+    from .adapters import get_adapter
+    from .distill import distill
+    from .plan import Targets, make_plan
+    from .prune import prune_model
+
+    adapter = get_adapter(teacher_model)
+    source = adapter.shape()
+    results = []
+    for i, cand in enumerate(candidates):
+        folder = out / "candidates" / cand.name
+        done = folder / "result.json"
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+            continue
+        s = cand.shape
+        targets = Targets(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
+        plan = make_plan(scores, source, targets)
+        student = prune_model(teacher_model, plan)
+        print(f"[search {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters", flush=True)
+        result = distill(
+            teacher_model,
+            student,
+            data,
+            out=folder / "student",
+            tokens=search_tokens,
+            tokenizer=tokenizer,
+            overwrite=True,
+            progress=progress,
+            **distill_kwargs,
+        )
+        row = {
+            "candidate": cand.name,
+            **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
+            "params": cand.params,
+            "val_kl": result.metrics.get("val_kl"),
+            "val_lm_loss": result.metrics.get("val_lm_loss"),
+            "tokens": result.tokens,
+            "seconds": result.elapsed_s,
+            "kept_layers": plan.kept_layers,
+        }
+        atomic_write_json(done, row)
+        results.append(row)
+        del student
+    results.sort(key=lambda r: (r["val_kl"] is None, r["val_kl"]))
+    return results
+
+
+def keep_winner(out: Path, results: list[dict]) -> Path:
+    """Copy the best candidate's briefly distilled student to OUT/winner; drop the others' weights."""
+    best = results[0]["candidate"]
+    src = out / "candidates" / best / "student"
+    dst = out / "winner"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run"))
+    return dst

@@ -1,0 +1,106 @@
+"""`slimlm run` and recipes: the whole pipeline on a tiny model, resume, clear recipe errors."""
+
+import json
+
+import pytest
+
+from conftest import save_tiny
+from slimlm.cli import main
+from slimlm.errors import SlimlmError
+from slimlm.recipe import load_recipe, parse_recipe
+
+
+def run(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _recipe(tmp_path, text_file, extra=""):
+    teacher = save_tiny("llama", tmp_path / "teacher", max_position_embeddings=256)
+    text = f"""
+teacher: {teacher}
+data: {text_file}
+importance:
+  calib_samples: 4
+  seq_len: 32
+  heldout: 2
+prune:
+  hidden: 36
+  ffn: 40
+  heads: 3
+  layers: 3
+distill:
+  tokens: 1024
+  seq_len: 32
+  micro_batch: 4
+  global_batch: 8
+  warmup: 1
+  heldout: 2
+eval:
+  ppl: {text_file}
+  ppl_tokens: 256
+  seq_len: 32
+  speed: true
+  prompt_len: 8
+  new_tokens: 4
+{extra}"""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_whole_pipeline_then_resume(tmp_path, text_file, capsys):
+    recipe = _recipe(tmp_path, text_file)
+    out = tmp_path / "run"
+    code, stdout, err = run(["run", recipe, "-o", out, "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["teacher"]["parameters"] > rows["student"]["parameters"] == rows["pruned"]["parameters"]
+    assert all(rows[m]["ppl"] for m in rows)
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["correct", "importance", "prune", "distill", "eval", "report"]
+    assert (out / "report" / "report.html").exists() and (out / "student" / "config.json").exists()
+    assert (out / "recipe.yaml").read_text() == recipe.read_text()
+    # Rerun: every stage is skipped.
+    code, _, err = run(["run", recipe, "-o", out], capsys)
+    assert code == 0 and "stage" not in err
+    # --from distill redoes distill and everything after, not before.
+    code, _, err = run(["run", recipe, "-o", out, "--from", "eval"], capsys)
+    assert code == 0 and "stage eval" in err and "stage distill" not in err and "stage importance" not in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("distill:\n  tokns: 5\n", "tiny.yaml:2: distill.tokns: unknown key (did you mean 'tokens'?)"),
+        ("prune:\n  hidden: many\n", "tiny.yaml:2: prune.hidden: expected int, got 'many'"),
+        ("teachr: x\n", "tiny.yaml:1: teachr: unknown key (did you mean 'teacher'?)"),
+        ("prune:\n  hidden: 8\nsearch:\n  target_params: 100\n", "not both"),
+        ("prune: [1, 2]\n", "tiny.yaml:1: prune: expected a mapping"),
+        ("prune:\n  hidden: 8\n  x: [\n", "not valid YAML"),
+        ("distill:\n  tokens: 10\n", "names no size"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_line(tmp_path, text, message):
+    with pytest.raises(SlimlmError) as err:
+        parse_recipe(text, "tiny.yaml")
+    assert message in str(err.value)
+
+
+def test_bad_recipe_from_cli_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune:\n  hidden: 8\n  colour: red\n")
+    code, _, err = run(["run", bad, "-o", tmp_path / "r"], capsys)
+    assert code == 2 and "bad.yaml:3: prune.colour: unknown key" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_default_recipe_is_valid():
+    r, _ = load_recipe(None)
+    assert r["teacher"] == "smollm2-135m" and r["mode"] == "prune"

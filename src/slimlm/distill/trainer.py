@@ -298,7 +298,10 @@ def _run(accelerator, **kw) -> DistillResult:
     if main:
         if not g.resume and g.overwrite:
             shutil.rmtree(run_dir, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+            # The old model files stay until the atomic export replaces the folder, but no longer
+            # claim to be a finished run.
+            for name in ("metrics.jsonl", "slimlm.json"):
+                (out / name).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not g.resume:
             atomic_write_json(run_dir / "config.json", g.settings)

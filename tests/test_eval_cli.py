@@ -38,11 +38,15 @@ def test_eval_command_end_to_end(app, tiny_model_dir, text_file, tmp_path):
 
 
 def test_results_merge_into_eval_json(tmp_path):
+    """Later runs add sections; results of other weights are dropped."""
     save_results({"model": "m", "tasks": {"a": {"acc": 0.5}}, "speed": {"x": 1}}, tmp_path)
     save_results({"model": "m", "tasks": {"b": {"acc": 0.7}}, "perplexity": {"ppl": 3.0}}, tmp_path)
     merged = load_results(tmp_path / "eval.json")
     assert merged["tasks"] == {"a": {"acc": 0.5}, "b": {"acc": 0.7}}
     assert merged["speed"] == {"x": 1} and merged["perplexity"] == {"ppl": 3.0}
+    (tmp_path / "model.safetensors").write_bytes(b"new weights")  # e.g. a new training run in the folder
+    save_results({"model": "m", "perplexity": {"ppl": 2.0}}, tmp_path)
+    assert load_results(tmp_path) == {"model": "m", "perplexity": {"ppl": 2.0}, "weights": load_results(tmp_path)["weights"]}
 
 
 @pytest.mark.parametrize(

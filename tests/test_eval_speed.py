@@ -11,9 +11,9 @@ from slimlm.evaluate import speed
 from slimlm.evaluate.throughput import _peak_memory, weights_bytes
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_speed_reports_throughput_and_memory(family):
-    model = tiny_model(family)
+def test_speed_reports_throughput_and_memory():
+    # Gemma 3 mixes sliding-window and full attention caches (llama runs in test_eval_cli).
+    model = tiny_model("gemma3_text")
     out = speed(model, tiny_tokenizer(), batch=2, prompt_len=8, new_tokens=3, repeats=2)
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0
     assert out["prefill_s"] == pytest.approx(2 * 8 / out["prefill_tokens_per_s"])

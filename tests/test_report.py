@@ -60,9 +60,15 @@ def make_run(root):
     return root
 
 
-def test_report_has_every_section(tmp_path):
-    run = make_run(tmp_path / "run")
-    out = write_report(run)
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One full report (rendering is the slow part), shared by the checks below."""
+    run = make_run(tmp_path_factory.mktemp("r") / "run")
+    return run, write_report(run)
+
+
+def test_report_has_every_section(report):
+    run, out = report
     names = {p.split("/")[-1] for p in out["images"]}
     assert names == {f"scores0_{n}.png" for n in ("layers", "blocks", "heads", "neurons", "hidden", "hidden_sites")} | {
         "metrics0_train.png", "metrics0_validation.png"}
@@ -76,6 +82,16 @@ def test_report_has_every_section(tmp_path):
     rows = re.findall(r"^\| (teacher|distilled) \|.*$", md, re.M)
     assert rows == ["teacher", "distilled"]
     assert "134.5M" in md and "35.2" in md and "0.38" in md and "(1.92x)" in md
+    assert "measured on different" not in md  # both rows say nothing about their settings
+
+
+def test_table_warns_when_models_were_measured_differently(tmp_path):
+    run = tmp_path / "run"
+    for name, source in (("a", "wiki.txt"), ("b", "other.txt")):
+        (run / name).mkdir(parents=True)
+        (run / name / "eval.json").write_text(json.dumps({"model": name, "parameters": 1, "perplexity": {"ppl": 2.0, "source": source, "seq_len": 512}}))
+    write_report(run)
+    assert "Perplexities were measured on different text or settings" in (run / "report" / "report.md").read_text()
 
 
 def test_missing_sections_are_skipped(tmp_path):
@@ -95,7 +111,9 @@ def test_report_mistakes(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SlimlmError, match="nothing to report"):
         write_report(tmp_path / "empty")
-    run = make_run(tmp_path / "run")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"model": "m", "parameters": 10}))
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "keep.txt").write_text("x")
     with pytest.raises(SlimlmError, match="not a slimlm report folder"):
@@ -112,12 +130,11 @@ window.addEventListener('load', () => {
 </script></body>"""
 
 
-def test_images_load_in_headless_chromium(tmp_path):
+def test_images_load_in_headless_chromium(report, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no chromium on this machine (apt-get install -y chromium)")
-    run = make_run(tmp_path / "run")
-    out = write_report(run)
+    _, out = report
     page = tmp_path / "check.html"
     page.write_text(open(out["html"]).read().replace("</body>", CHECK_IMAGES))
     profile = tmp_path / "profile"

@@ -22,7 +22,7 @@ def eval_command(
     models: List[str] = typer.Argument(..., help=MODELS_HELP),
     ppl: Optional[str] = typer.Option(None, "--ppl", help=PPL_HELP),
     seq_len: int = typer.Option(512, help="Perplexity window length in tokens (BOS included)."),
-    stride: Optional[int] = typer.Option(None, help="Perplexity window step (default: the window length, no overlap)."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity window step (default and most: --seq-len - 1; windows then share one context token)."),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the perplexity text."),
     text_field: str = typer.Option("text", help="Field holding the text in JSONL/Parquet/datasets sources."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help=TASKS_HELP),
@@ -37,9 +37,16 @@ def eval_command(
     repeats: int = typer.Option(3, help="Timed runs for --speed (the median is kept)."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
     save: bool = typer.Option(True, "--save/--no-save", help="Merge the results into eval.json in each model's folder."),
+    chat_prompts: Optional[Path] = typer.Option(
+        None, "--chat-prompts", help="Prompts to answer (greedy) with the chat template: JSONL with 'prompt' or "
+                                     "'messages', or text with one prompt a line. Answers go side by side into chat_answers.jsonl."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest answer for --chat-prompts, in tokens."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Run the lm-eval tasks with the chat template (instruct models)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Where chat_answers.jsonl goes: a folder or a .jsonl file (default: the first model's folder)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
 ):
-    """Perplexity, lm-eval tasks and speed of one or more models, compared in one table."""
+    """Perplexity, lm-eval tasks, speed and chat answers of one or more models, compared in one table."""
     from ..cli import emit_json
     from ..models import load_config, pick_dtype
     from . import check_eval_args, evaluate
@@ -48,26 +55,49 @@ def eval_command(
                     tasks=tasks, task_data=task_data, include_path=include_path or None,
                     limit=int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit,
                     num_fewshot=num_fewshot, speed=speed, batch_size=batch_size, prompt_len=prompt_len,
-                    new_tokens=new_tokens, repeats=repeats)
+                    new_tokens=new_tokens, repeats=repeats, chat_prompts=chat_prompts, max_new_tokens=max_new_tokens)
     # Everything is checked before the first model loads.
     check_eval_args(**settings)
     pick_dtype(dtype)
     for spec in models:
         load_config(spec)
+    if output is not None and chat_prompts is not None:
+        import os
+
+        from ..errors import SlimlmError
+        from .chat import answers_path
+
+        probe = answers_path([], output).parent
+        while not probe.exists():
+            probe = probe.parent
+        if probe.is_file() or not os.access(probe, os.W_OK):
+            raise SlimlmError(f"cannot write chat answers under {output}")
+    if chat_prompts is not None or chat_template:
+        from ..models import load_tokenizer
+        from .chat import require_chat_template
+
+        for spec in models:
+            require_chat_template(load_tokenizer(spec), spec)
 
     err = Console(stderr=True)
     results = []
     for spec in models:
         err.print(f"[bold]evaluating {spec}[/bold]")
-        result = evaluate(spec, dtype=dtype, save=save, progress=True, **settings)
+        result = evaluate(spec, dtype=dtype, save=save, progress=True, chat_template=chat_template, **settings)
         if result.get("saved_to"):
             err.print(f"results saved to {result['saved_to']}")
         results.append(result)
         gc.collect()  # the model is gone: free it before the next one is measured
     table = comparison_table(results)
     (err if json_out else Console()).print(table)
+    answers = None
+    if chat_prompts is not None:
+        from .chat import write_side_by_side
+
+        answers = write_side_by_side(results, output)
+        err.print(f"chat answers written to {answers}")
     if json_out:
-        emit_json({"models": results})
+        emit_json({"models": results, **({"chat_answers": answers} if answers else {})})
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -120,6 +120,7 @@ def read_multiple_choice(path: str | os.PathLike) -> list[dict]:
         query = _first(row, ("question", "query", "context"))
         choices = row.get("choices")
         gold = _first(row, ("answer", "gold", "label"))
+        gold = int(gold) if isinstance(gold, str) and gold.isdigit() else gold
         ok = isinstance(query, str) and isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
         if not ok or not isinstance(gold, int) or not 0 <= gold < len(choices):
             raise SlimlmError(

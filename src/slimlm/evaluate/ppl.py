@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -155,9 +156,17 @@ def perplexity(
         "seq_len": seq_len,
         "stride": effective_stride(seq_len, stride),
         "bos": bos,
-        "source": source if isinstance(source, str) else None,
+        "source": _describe(source),
         "max_tokens": max_tokens,
     }
+
+
+def _describe(source) -> str | None:
+    """The source as saved in results: local paths made absolute, so they still mean something later."""
+    if not isinstance(source, str):
+        return None
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def check_perplexity_args(seq_len: int, stride: int | None, max_tokens: int | None, batch_size: int) -> None:

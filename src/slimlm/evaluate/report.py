@@ -384,6 +384,42 @@ def comparison_rows(evals: list[tuple[Path, dict]]) -> tuple[list[str], list[lis
     return header, rows
 
 
+def comparison_notes(evals: list[tuple[Path, dict]]) -> list[str]:
+    """Warnings about numbers in the table that were not measured alike."""
+    notes = []
+    ppl = {str(r.get("model")): (p.get("source"), p.get("seq_len"), p.get("stride"), p.get("max_tokens"))
+           for _, r in evals if (p := r.get("perplexity"))}
+    if len(set(ppl.values())) > 1:
+        notes.append("Perplexities were measured on different text or settings: " + "; ".join(
+            f"{m}: {src}, seq_len {sl}, stride {st}, max_tokens {mt}" for m, (src, sl, st, mt) in ppl.items()))
+    speed = {str(r.get("model")): (s.get("device"), s.get("dtype"), s.get("batch"), s.get("prompt_len"), s.get("new_tokens"))
+             for _, r in evals if (s := r.get("speed"))}
+    if len(set(speed.values())) > 1:
+        notes.append("Speeds were measured with different settings: " + "; ".join(
+            f"{m}: {d} {t}, batch {b}, prompt {p}, new tokens {n}" for m, (d, t, b, p, n) in speed.items()))
+    return notes
+
+
+def chat_rows(evals: list[tuple[Path, dict]], width: int = 400) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the chat answers (`slimlm eval --chat-prompts`): one row per prompt, one column per model."""
+    with_chat = [(p, r) for p, r in evals if (r.get("chat") or {}).get("answers")]
+    if not with_chat:
+        return None
+    header = ["prompt"] + [str(r.get("model") or p.parent.name) for p, r in with_chat]
+    first = with_chat[0][1]["chat"]["answers"]
+
+    def cut(text) -> str:
+        text = " ".join(str(text or "").split())
+        return text if len(text) <= width else text[:width] + "…"
+
+    rows = []
+    for i, item in enumerate(first):
+        prompt = item.get("prompt") or (item.get("messages") or [{}])[-1].get("content", "")
+        answers = [r["chat"]["answers"][i].get("answer") if i < len(r["chat"]["answers"]) else None for _, r in with_chat]
+        rows.append([cut(prompt)] + [cut(a) for a in answers])
+    return header, rows
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -407,7 +443,7 @@ def _sections(run: Run) -> list[tuple[str, list[Figure], str]]:
     return sections
 
 
-def render_html(title: str, table, sections) -> str:
+def render_html(title: str, table, sections, chat=None, notes: Sequence[str] = ()) -> str:
     """The report as one HTML page with its images inline."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
@@ -417,17 +453,23 @@ def render_html(title: str, table, sections) -> str:
         parts.append("<h2>Before / after</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
+        parts += [f"<p>{esc(n)}</p>" for n in notes]
     for heading, figs, note in sections:
         parts.append(f"<h2>{esc(heading)}</h2>" + (f"<p>{esc(note)}</p>" if note else ""))
         for f in figs:
             data = base64.b64encode(f.png).decode()
             parts.append(f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{esc(f.title)}{': ' + esc(f.caption) if f.caption else ''}</figcaption></figure>")
+    if chat is not None:
+        header, rows = chat
+        parts.append("<h2>Chat answers</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td style='text-align:left'>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def render_markdown(title: str, table, sections) -> str:
+def render_markdown(title: str, table, sections, chat=None, notes: Sequence[str] = ()) -> str:
     """The report as Markdown; images are the PNG files named after each figure."""
     md = [f"# {title}", ""]
     if table is not None:
@@ -435,10 +477,16 @@ def render_markdown(title: str, table, sections) -> str:
         md += ["## Before / after", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         md.append("")
+        md += [x for n in notes for x in (n, "")]
     for heading, figs, note in sections:
         md += [f"## {heading}", ""] + ([note, ""] if note else [])
         for f in figs:
             md += [f"![{f.title}]({f.name}.png)", "", f"*{f.title}*{': ' + f.caption if f.caption else ''}", ""]
+    if chat is not None:
+        header, rows = chat
+        md += ["## Chat answers", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        md.append("")
     return "\n".join(md)
 
 
@@ -471,8 +519,10 @@ def write_report(
     with atomic_dir(out) as tmp:
         for f in figures:
             (tmp / f"{f.name}.png").write_bytes(f.png)
-        (tmp / "report.html").write_text(render_html(title, table, sections), encoding="utf-8")
-        (tmp / "report.md").write_text(render_markdown(title, table, sections), encoding="utf-8")
+        chat = chat_rows(run.evals)
+        notes = comparison_notes(run.evals)
+        (tmp / "report.html").write_text(render_html(title, table, sections, chat, notes), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(title, table, sections, chat, notes), encoding="utf-8")
     return {
         "output": str(out),
         "html": str(out / "report.html"),

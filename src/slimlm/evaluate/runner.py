@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,8 @@ def check_eval_args(
     prompt_len: int = 128,
     new_tokens: int = 32,
     repeats: int = 3,
+    chat_prompts: str | os.PathLike | None = None,
+    max_new_tokens: int = 128,
 ) -> dict:
     """Check every evaluation setting (and read the data sources) before a model loads.
 
@@ -52,8 +55,12 @@ def check_eval_args(
     from ..data import check_source
 
     task_list, data = parse_tasks(tasks), parse_task_data(task_data)
-    if ppl is None and not task_list and not speed:
-        raise SlimlmError("nothing to evaluate: give --ppl DATA, --tasks NAMES and/or --speed")
+    if ppl is None and not task_list and not speed and chat_prompts is None:
+        raise SlimlmError("nothing to evaluate: give --ppl DATA, --tasks NAMES, --speed and/or --chat-prompts FILE")
+    if chat_prompts is not None:
+        from .chat import check_chat_args
+
+        check_chat_args(chat_prompts, max_new_tokens)
     if data and not task_list:
         raise SlimlmError("--task-data is given but no --tasks")
     check_perplexity_args(seq_len, stride, max_tokens, batch_size)
@@ -92,16 +99,22 @@ def evaluate(
     dtype: str = "auto",
     save: bool = False,
     progress: bool = False,
+    chat_prompts: str | os.PathLike | None = None,
+    max_new_tokens: int = 128,
+    chat_template: bool = False,
 ) -> dict:
     """Evaluate one model: perplexity on `ppl`, lm-eval `tasks`, and/or `speed`.
 
     `model` is a loaded model (with its `tokenizer`) or anything `slimlm.models.load_model`
     takes (a folder, hub id, .gguf file, alias), loaded here in `dtype`.  With `save`, the
     results are merged into ``eval.json`` in the model's folder when it has a writable one.
+    `chat_prompts` (a prompt file) adds greedy answers (``result["chat"]``, `max_new_tokens` each)
+    rendered with the chat template; `chat_template` runs the lm-eval tasks with it too.
     Returns ``{"model", "parameters", "perplexity"?, "tasks"?, "speed"?, ...}``.
     """
     parsed = check_eval_args(ppl, seq_len, stride, max_tokens, text_field, tasks, task_data, include_path,
-                             limit, num_fewshot, speed, batch_size, prompt_len, new_tokens, repeats)
+                             limit, num_fewshot, speed, batch_size, prompt_len, new_tokens, repeats,
+                             chat_prompts=chat_prompts, max_new_tokens=max_new_tokens)
     spec, folder = None, None
     if isinstance(model, (str, os.PathLike)):
         from ..models import load_model, load_tokenizer, resolve_model_path
@@ -113,6 +126,10 @@ def evaluate(
     elif tokenizer is None:
         raise SlimlmError("evaluating a model object needs its tokenizer")
     spec = spec or getattr(model.config, "_slimlm_source", None) or getattr(model.config, "_name_or_path", "model")
+    if chat_prompts is not None or chat_template:
+        from .chat import require_chat_template
+
+        require_chat_template(tokenizer, spec)
     result = {
         "model": spec,
         "path": str(Path(folder).resolve()) if folder and Path(folder).is_dir() else None,
@@ -122,28 +139,60 @@ def evaluate(
         "slimlm_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+    def done(section: str, summary: str) -> None:
+        # Save after each part, so a long run that stops later keeps what it measured.
+        if save and result["path"]:
+            result["saved_to"] = save_results(result, result["path"])
+        if progress:
+            print(f"{spec}: {section} {summary}", file=sys.stderr, flush=True)
+
     if ppl is not None:
-        result["perplexity"] = perplexity(model, tokenizer, ppl, seq_len, stride, max_tokens, text_field, batch_size, progress)
+        r = result["perplexity"] = perplexity(model, tokenizer, ppl, seq_len, stride, max_tokens, text_field, batch_size, progress)
+        done("perplexity", f"{r['ppl']:.4g} over {r['tokens']:,} tokens")
     if parsed["tasks"]:
-        result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], limit, num_fewshot, batch_size,
-                                    parsed["task_data"], include_path)
+        r = result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], limit, num_fewshot, batch_size,
+                                        parsed["task_data"], include_path, apply_chat_template=chat_template)
+        if chat_template:
+            result["tasks_chat_template"] = True
+        done("tasks", "; ".join(f"{t} {_main_metrics(m)}" for t, m in r.items()))
     if speed:
-        result["speed"] = measure_speed(model, tokenizer, batch_size, prompt_len, new_tokens, repeats)
-    if save and result["path"]:
-        result["saved_to"] = save_results(result, result["path"])
+        r = result["speed"] = measure_speed(model, tokenizer, batch_size, prompt_len, new_tokens, repeats)
+        done("speed", f"prefill {r['prefill_tokens_per_s']:.4g} tokens/s, decode {r['decode_tokens_per_s'] or 0:.4g} tokens/s, "
+                      f"peak {r['peak_mem_mb']:.4g} MB")
+    if chat_prompts is not None:
+        from .chat import chat_answers
+
+        r = result["chat"] = chat_answers(model, tokenizer, chat_prompts, max_new_tokens, progress)
+        done("chat", f"{len(r['answers'])} answers")
     return result
+
+
+def _main_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr"))
+
+
+def weights_stamp(folder: str | os.PathLike) -> str | None:
+    """Names, sizes and modification times of a folder's weight files: changes when the model does."""
+    files = sorted(p for p in Path(folder).glob("*") if p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files) or None
 
 
 def save_results(result: dict, folder: str | os.PathLike) -> str | None:
     """Merge `result` into ``FOLDER/eval.json`` atomically; None when the folder is not writable.
 
-    Sections of earlier runs that this one did not measure are kept; tasks merge one by one.
+    Sections of earlier runs that this one did not measure are kept, unless the weights
+    changed since (a new training run into the same folder); tasks merge one by one.
     """
     folder = Path(folder)
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         return None
     path = folder / EVAL_FILE
+    stamp = weights_stamp(folder)
     merged = load_results(path) or {}
+    if merged.get("weights") != stamp:
+        merged = {}
+    result = {**result, "weights": stamp}
     tasks = {**merged.get("tasks", {}), **result.get("tasks", {})}
     merged.update({k: v for k, v in result.items() if k != "saved_to"})
     if tasks:

@@ -101,8 +101,10 @@ def check_tasks(tasks: Sequence[str], task_data: dict[str, str] | None = None, i
         if name is not None and name not in task_data:
             raise SlimlmError(f"task {task} reads a local file: pass --task-data {name}=PATH")
     used = {LOCAL_TASK_DATA[t] for t in tasks if t in LOCAL_TASK_DATA}
+    # A user's own task YAML may read task data too (through local_data.load).
+    own_tasks = bool(include_path) or any(t.endswith((".yaml", ".yml")) for t in tasks)
     for name, path in task_data.items():
-        if name not in used:
+        if name not in used and not own_tasks:
             task = next(t for t, n in LOCAL_TASK_DATA.items() if n == name)
             raise SlimlmError(f"--task-data {name} is read by the task {task}: add it to --tasks")
         read_local(name, path)  # parse now: a bad file should fail before a model loads
@@ -142,12 +144,14 @@ def run_tasks(
     batch_size: int | str = 1,
     task_data: Sequence[str] | dict | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    apply_chat_template: bool = False,
 ) -> dict[str, dict]:
     """Run lm-eval tasks on an in-memory model; returns ``{task: {metric: value, ...}}``.
 
     `tasks` are lm-eval task, group or tag names, YAML paths, or slimlm's local tasks;
     `task_data` feeds the local tasks (``{"hellaswag": PATH}`` or ``["hellaswag=PATH"]``);
-    `limit` caps the items per task (a fraction when < 1), as in lm-eval.
+    `limit` caps the items per task (a fraction when < 1), as in lm-eval; `apply_chat_template`
+    renders each request with the tokenizer's chat template (instruct models).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -157,17 +161,17 @@ def run_tasks(
         raise SlimlmError("no tasks given")
     data = parse_task_data(task_data)
     tm = check_tasks(tasks, data, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         with _quiet_lm_eval():
             out = lm_eval.simple_evaluate(
-                model=lm,
+                model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                 tasks=tasks,
                 num_fewshot=num_fewshot,
                 limit=limit,
                 task_manager=tm,
                 log_samples=False,
                 bootstrap_iters=1000,  # stderr of non-mean metrics; lm-eval's 100k is slow on CPU
+                apply_chat_template=apply_chat_template,
             )
     except (ConnectionError, OSError) as exc:
         # lm-eval's own tasks download their data from the hub on first use.

@@ -104,3 +104,22 @@ def test_bad_recipe_from_cli_writes_nothing(tmp_path, capsys):
 def test_default_recipe_is_valid():
     r, _ = load_recipe(None)
     assert r["teacher"] == "smollm2-135m" and r["mode"] == "prune"
+
+
+def test_multi_gpu_distill_is_launched_through_accelerate():
+    from slimlm.pipeline import launch_command
+
+    cmd = launch_command("configs/accelerate/fsdp2_8gpu.yaml", "t", "runs/x/pruned", "corpus/", "runs/x/student",
+                         tokens=1000, seq_len=8192, resume=False, overwrite=True, hidden_loss=None, lr=1e-4)
+    assert cmd[:7] == ["accelerate", "launch", "--config_file", "configs/accelerate/fsdp2_8gpu.yaml", "-m", "slimlm", "distill"]
+    joined = " ".join(cmd)
+    assert "--teacher t --student runs/x/pruned --out runs/x/student" in joined
+    assert "--tokens 1000 --seq-len 8192 --overwrite --lr 0.0001" in joined and "--resume" not in joined
+    # every flag it builds is one `slimlm distill` accepts
+    from typer.main import get_command
+
+    from slimlm.cli import _register_commands, app
+
+    _register_commands()
+    params = {o for p in get_command(app).commands["distill"].params for o in p.opts}
+    assert {a for a in cmd[7:] if a.startswith("--")} <= params

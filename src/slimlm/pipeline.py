@@ -1,6 +1,6 @@
 """`slimlm run`: the whole recipe in one resumable command.
 
-    teacher correction (optional) -> importance -> prune | search -> distill -> eval -> report
+    teacher correction (optional) -> importance -> prune | search -> distill -> align (optional) -> eval -> report
 
 Every stage writes into one run folder and records itself in ``stages.json`` with a
 fingerprint of its settings.  Rerunning skips finished stages whose settings did not
@@ -17,7 +17,7 @@ from pathlib import Path
 from ._io import atomic_write_json, atomic_write_text
 from .errors import SlimlmError
 
-STAGES = ("correct", "importance", "prune", "distill", "eval", "report")
+STAGES = ("correct", "importance", "prune", "distill", "align", "eval", "report")
 
 
 def _fingerprint(*parts) -> str:
@@ -52,7 +52,8 @@ def stage_settings(r: dict) -> dict:
     s["importance"] = s["correct"] + [r["importance"], r["prune"].get("layers"), r["prune"].get("depth_metric")]
     s["prune"] = s["importance"] + [r["mode"], r["prune"] if r["mode"] == "prune" else r["search"], r["distill"] if r["mode"] == "search" else None]
     s["distill"] = s["prune"] + [r["distill"]]
-    s["eval"] = s["distill"] + [r["eval"]]
+    s["align"] = s["distill"] + [r["align"]]
+    s["eval"] = s["align"] + [r["eval"]]
     s["report"] = s["eval"] + [r["report"]]
     return {k: _fingerprint(v) for k, v in s.items()}
 
@@ -74,7 +75,16 @@ def validate_recipe_inputs(r: dict) -> None:
         validate_targets(t, shape)
         adapter.validate_shape(target_shape(t, shape))
     limit = getattr(config, "max_position_embeddings", None)
-    for section in ("importance", "distill", "correct_teacher", "eval"):
+    if r["align"]["sft"]:
+        from .chat import read_conversations, read_preferences, template_text
+        from .models import load_tokenizer
+
+        read_conversations(r["align"]["sft"])
+        if r["align"]["prefs"]:
+            read_preferences(r["align"]["prefs"])
+        if template_text(load_tokenizer(r["teacher"])) is None:
+            raise SlimlmError("the align stage needs a chat template, and the teacher has none")
+    for section in ("importance", "distill", "correct_teacher", "eval", "align"):
         if limit and r[section].get("seq_len") and r[section]["seq_len"] > limit:
             raise SlimlmError(f"{section}.seq_len {r[section]['seq_len']} is past the teacher's limit of {limit} positions")
     if r["eval"]["ppl"] is not None:
@@ -110,14 +120,12 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
     corrected = root / "teacher-corrected"
     if r["correct_teacher"]["tokens"] > 0:
         if not state.finished("correct", fps["correct"]):
-            from .distill import distill
-
             c = r["correct_teacher"]
             log(f"stage correct: LM-loss fine-tuning of the teacher on {c['tokens']:,} tokens")
-            res = distill(None, teacher, r["data"], out=corrected, tokens=c["tokens"], seq_len=c["seq_len"],
-                          micro_batch=c["micro_batch"], global_batch=c["global_batch"], lr=c["lr"], min_lr=c["lr"] / 10,
-                          warmup=c["warmup"], seed=r["seed"], mode="lm", dtype=r["dtype"], text_field=r["text_field"],
-                          overwrite=True, progress=progress)
+            res = _train(r, None, teacher, r["data"], out=corrected, tokens=c["tokens"], seq_len=c["seq_len"],
+                         micro_batch=c["micro_batch"], global_batch=c["global_batch"], lr=c["lr"], min_lr=c["lr"] / 10,
+                         warmup=c["warmup"], seed=r["seed"], mode="lm", dtype=r["dtype"], text_field=r["text_field"],
+                         overwrite=True, progress=progress)
             state.mark("correct", fps["correct"], {"metrics": res.metrics})
         teacher = str(corrected)
     else:
@@ -161,13 +169,11 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
     # 4. distill ----------------------------------------------------------------------------
     student = root / "student"
     if not state.finished("distill", fps["distill"]):
-        from .distill import distill
-
         d = r["distill"]
         ckpts = student / "run" / "checkpoints"
         can_resume = ckpts.is_dir() and any(ckpts.iterdir())  # an interrupted distillation continues
         log(f"stage distill: {d['tokens']:,} tokens of forward-KL distillation")
-        res = distill(teacher_model if teacher_model is not None else teacher, str(pruned), r["data"], out=student,
+        res = _train(r, teacher_model if teacher_model is not None else teacher, str(pruned), r["data"], out=student,
                       tokens=d["tokens"], seq_len=d["seq_len"], micro_batch=d["micro_batch"], global_batch=d["global_batch"],
                       lr=d["lr"], min_lr=d["min_lr"], warmup=d["warmup"], loss=d["loss"], temperature=d["temperature"],
                       ce_weight=d["ce_weight"], hidden_loss=d["hidden_loss"], eval_every=d["eval_every"],
@@ -176,13 +182,37 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
         state.mark("distill", fps["distill"], {"metrics": res.metrics, "tokens": res.tokens})
     del teacher_model
 
-    # 5. eval -------------------------------------------------------------------------------
+    # 5. align (optional) -----------------------------------------------------------------------
+    aligned = root / "aligned"
+    if r["align"]["sft"] and not state.finished("align", fps["align"]):
+        from .align import align
+        from .align.trainer import _last_checkpoint
+
+        a = r["align"]
+        can_resume = not (aligned / "slimlm.json").exists() and (
+            (aligned / "run" / "sft" / "done.json").exists() or _last_checkpoint(aligned / "run" / "sft") is not None)
+        log(f"stage align: SFT on {a['sft']}" + (f", then DPO on {a['prefs']}" if a["prefs"] else ""))
+        res = align(str(student), a["sft"], aligned, a["prefs"], tokens=a["tokens"], seq_len=a["seq_len"],
+                    micro_batch=a["micro_batch"], global_batch=a["global_batch"], lr=a["lr"], beta=a["beta"],
+                    seed=r["seed"], dtype=r["dtype"], chat_template_from=teacher, resume=can_resume,
+                    overwrite=not can_resume, progress=progress)
+        state.mark("align", fps["align"], {"stages": res.stages})
+
+    # 6. eval -------------------------------------------------------------------------------
     if not state.finished("eval", fps["eval"]):
         from .evaluate import evaluate, save_results
 
         e = r["eval"]
-        log("stage eval: teacher, pruned (zero-shot) and distilled student, measured the same way")
-        for name, spec in (("teacher", teacher), ("pruned", str(pruned)), ("student", str(student))):
+        log("stage eval: teacher, pruned (zero-shot) and distilled student" + (" and aligned student" if r["align"]["sft"] else "")
+            + ", measured the same way")
+        roles = [("teacher", teacher), ("pruned", str(pruned)), ("student", str(student))]
+        if r["align"]["sft"]:
+            roles.append(("aligned", str(aligned)))
+        else:  # results of an align stage the recipe no longer has
+            import shutil
+
+            shutil.rmtree(root / "eval" / "aligned", ignore_errors=True)
+        for name, spec in roles:
             result = evaluate(spec, ppl=e["ppl"], seq_len=e["seq_len"], max_tokens=e["ppl_tokens"], text_field=r["text_field"],
                               tasks=e["tasks"], task_data=e["task_data"], limit=e["limit"], speed=e["speed"],
                               prompt_len=e["prompt_len"], new_tokens=e["new_tokens"], dtype=r["dtype"], progress=progress)
@@ -191,7 +221,7 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
             save_results(result, root / "eval" / name)
         state.mark("eval", fps["eval"], {})
 
-    # 6. report -----------------------------------------------------------------------------
+    # 7. report -----------------------------------------------------------------------------
     report = None
     if r["report"]["enabled"]:
         if not state.finished("report", fps["report"]):
@@ -202,6 +232,45 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
             state.mark("report", fps["report"], {})
         report = str(root / "report" / "report.html")
     return summarize(root, report)
+
+
+def launch_command(config_file: str, teacher, student: str, data, out, **kw) -> list[str]:
+    """The `accelerate launch ... -m slimlm distill` command line for a distill() call."""
+    cmd = ["accelerate", "launch", "--config_file", str(config_file), "-m", "slimlm", "distill"]
+    if teacher is not None:
+        cmd += ["--teacher", str(teacher)]
+    cmd += ["--student", str(student), "--out", str(out), "--quiet"]
+    if data is not None:
+        cmd += ["--data", data if isinstance(data, str) else ",".join(data)]
+    for key, value in kw.items():
+        if key == "progress" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    return cmd
+
+
+def _train(r: dict, teacher, student, data, *, out, **kw):
+    """distill() in this process, or under `accelerate launch` when the recipe names an
+    Accelerate config and this machine has several GPUs (FSDP2 / ZeRO-3 need one process
+    per GPU; the other stages run once, here)."""
+    import torch
+
+    from .distill import DistillResult, distill
+
+    config = r.get("accelerate_config")
+    if not (config and torch.cuda.device_count() > 1):
+        return distill(teacher, student, data, out=out, **kw)
+    import subprocess
+
+    if not isinstance(teacher, (str, type(None))):
+        teacher = r["teacher"] if not (Path(out).parent / "teacher-corrected").exists() else str(Path(out).parent / "teacher-corrected")
+    cmd = launch_command(config, teacher, student, data, out, **kw)
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    prov = json.loads((Path(out) / "slimlm.json").read_text())
+    return DistillResult(out=str(out), mode=kw.get("mode", "kd"), steps=prov.get("steps", 0), tokens=prov.get("tokens", 0),
+                         complete=True, metrics=prov.get("final_metrics") or {})
 
 
 def _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, pruned, log, progress) -> dict:
@@ -259,13 +328,17 @@ def summarize(root: Path, report: str | None) -> dict:
     from .evaluate import load_results
 
     rows = []
-    for name in ("teacher", "pruned", "student"):
+    names = ["teacher", "pruned", "student"] + (["aligned"] if (root / "eval" / "aligned").is_dir() else [])
+    for name in names:
         res = load_results(root / "eval" / name) or {}
         ppl = (res.get("perplexity") or {}).get("ppl")
         speed = res.get("speed") or {}
         rows.append({"model": name, "parameters": res.get("parameters"), "ppl": ppl,
                      "prefill_tok_s": speed.get("prefill_tokens_per_s"), "decode_tok_s": speed.get("decode_tokens_per_s")})
-    return {"run": str(root), "rows": rows, "report": report, "student": str(root / "student")}
+    out = {"run": str(root), "rows": rows, "report": report, "student": str(root / "student")}
+    if (root / "aligned" / "slimlm.json").exists():
+        out["aligned"] = str(root / "aligned")
+    return out
 
 
 class _Log:

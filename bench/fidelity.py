@@ -1,0 +1,303 @@
+"""Reproduce the Minitron findings at small scale on the real SmolLM2-135M teacher.
+
+    python bench/fidelity.py            # the full study: about two hours on 2 quiet CPU cores
+    python bench/fidelity.py --quick    # the same rows with tiny budgets: a few minutes
+
+Every row is a student of about half the teacher's parameters (or the teacher), with
+equal distillation tokens, evaluated the same way:
+  WikiText-2 perplexity (first --ppl-tokens tokens, 512-token windows),
+  HellaSwag acc_norm (first --hellaswag-items items, local 6-line file),
+  validation KL to the original teacher on Python documentation pages no row trains on,
+  wall time of the row (pruning + training; evaluation excluded).
+Groups (METHOD §7):
+  1 width vs depth (depth by block, loss and bi), after distillation;
+  2 activation vs magnitude vs random importance, zero-shot and after distillation;
+  3 the four batch/sequence aggregations, zero-shot;
+  4 logit distillation vs LM-loss training from the same pruned start, vs random init + distillation;
+  5 corrected vs original teacher, distilling on Shakespeare (far from the teacher's data);
+  6 the search's winner vs hand-picked shapes.
+Rows are cached in OUT/rows.jsonl: an interrupted run resumes where it stopped.
+Writes OUT/fidelity.md (tables) and OUT/*.png (plots); docs/benchmarks.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _common import HELLASWAG, SHAKESPEARE, WIKITEXT, machine
+from slimlm.adapters import Shape, get_adapter
+from slimlm.data import pack_windows
+from slimlm.distill import distill
+from slimlm.evaluate import perplexity, run_tasks
+from slimlm.importance import estimate_importance
+from slimlm.models import load_model, load_tokenizer
+from slimlm.plan import Targets, make_plan, target_shape
+from slimlm.prune import prune_model
+
+WIDTH = dict(hidden=384, ffn=1024, heads=6)  # about half of SmolLM2-135M
+# Other hand-picked shapes of about the same size (66.0M and 64.9M against 67.6M).
+HAND_SHAPES = {"hand: hidden 432, ffn 768, heads 6": dict(hidden=432, ffn=768, heads=6),
+               "hand: 24 layers, hidden 384, ffn 1280, heads 6": dict(hidden=384, ffn=1280, heads=6, layers=24)}
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks every row end to end in minutes")
+    ap.add_argument("--out", default=None, help="output folder (default bench/out/fidelity[-quick])")
+    ap.add_argument("--tokens", type=int, default=None, help="distillation tokens per row (full 16384, quick 1024)")
+    ap.add_argument("--seq-len", type=int, default=None, help="training/calibration window (full 256, quick 64)")
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="WikiText-2 tokens scored (full 8192, quick 1024)")
+    ap.add_argument("--hellaswag-items", type=int, default=None, help="HellaSwag items (full 200, quick 10)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (full 128, quick 8)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    full = dict(tokens=16384, seq_len=256, ppl_tokens=8192, hellaswag_items=200, calib_samples=128)
+    quick = dict(tokens=1024, seq_len=64, ppl_tokens=1024, hellaswag_items=10, calib_samples=8)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.out = Path(a.out or Path(__file__).parent / "out" / ("fidelity-quick" if a.quick else "fidelity"))
+    return a
+
+
+class Study:
+    def __init__(self, a):
+        self.a = a
+        self.out = a.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows_path = self.out / "rows.jsonl"
+        self.rows = {}
+        if self.rows_path.exists():
+            for line in self.rows_path.read_text().splitlines():
+                r = json.loads(line)
+                self.rows[r["id"]] = r
+        self.teacher = load_model("smollm2-135m", dtype="float32")
+        self.tok = load_tokenizer("smollm2-135m")
+        self.adapter = get_adapter(self.teacher)
+        self.shape = self.adapter.shape()
+        # text no row trains on, for the validation KL
+        self.kl_windows = pack_windows("builtin:python-docs-heldout", self.tok, a.seq_len, 16 if not a.quick else 4, seed=1).input_ids
+        self.data_dir = self.out / "data"
+        self.data_dir.mkdir(exist_ok=True)
+        text = SHAKESPEARE.read_text()
+        cut = int(len(text) * 0.9)
+        (self.data_dir / "shakespeare-train.txt").write_text(text[:cut])
+        (self.data_dir / "shakespeare-heldout.txt").write_text(text[cut:])
+        self._scores = {}
+
+    # ---- measurements ------------------------------------------------------------------
+    @torch.inference_mode()
+    def val_kl(self, student) -> float:
+        total, n = 0.0, 0
+        for b in self.kl_windows.split(4):
+            t = F.log_softmax(self.teacher(b, use_cache=False).logits.float(), -1)
+            s = F.log_softmax(student(b, use_cache=False).logits.float(), -1)
+            total += (t.exp() * (t - s)).sum().item()
+            n += b.numel()
+        return total / n
+
+    def evaluate(self, model, extra_ppl=None) -> dict:
+        res = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "wikitext_ppl": perplexity(model, self.tok, str(WIKITEXT), seq_len=512, max_tokens=self.a.ppl_tokens)["ppl"],
+            "val_kl": self.val_kl(model) if model is not self.teacher else 0.0,
+        }
+        hs = run_tasks(model, self.tok, ["hellaswag_local"], limit=self.a.hellaswag_items, batch_size=8,
+                       task_data={"hellaswag": str(HELLASWAG)})
+        res["hellaswag_acc_norm"] = hs["hellaswag_local"].get("acc_norm")
+        if extra_ppl:
+            res["shakespeare_ppl"] = perplexity(model, self.tok, extra_ppl, seq_len=256, max_tokens=self.a.ppl_tokens)["ppl"]
+        return res
+
+    # ---- ingredients ---------------------------------------------------------------------
+    def scores(self, kind="activation", aggregation="mean,l2", teacher=None, data=None, key=None):
+        key = key or (kind, aggregation)
+        if key not in self._scores:
+            model = teacher or self.teacher
+            calib = held = None
+            if kind == "activation":
+                w = pack_windows(data, self.tok, self.a.seq_len, self.a.calib_samples + 8, seed=0)
+                main, hw = w.split(8)
+                calib, held = main.input_ids, hw.input_ids
+            k = self.shape.layers - self.depth_layers()
+            self._scores[key] = estimate_importance(model, calib, importance=kind, aggregation=aggregation, heldout=held,
+                                                    depth_loss=True, block_sizes=(k,), batch_size=8, seed=0)
+        return self._scores[key]
+
+    def depth_layers(self) -> int:
+        width_params = self.adapter.param_count(target_shape(Targets(**WIDTH), self.shape))
+        return min(range(1, self.shape.layers), key=lambda n: abs(
+            self.adapter.param_count(Shape(**{**self.shape.as_dict(), "layers": n})) - width_params))
+
+    def train(self, student, name, *, teacher=None, mode="kd", data="builtin:python-docs", tokens=None):
+        out = self.out / "students" / name.replace(" ", "_").replace(",", "").replace(":", "")
+        return distill(None if mode == "lm" and teacher is None else (teacher or self.teacher), student, data, out=out,
+                       tokens=tokens or self.a.tokens, seq_len=self.a.seq_len, micro_batch=4, global_batch=16, lr=1e-4,
+                       min_lr=1e-5, warmup=4, seed=0, mode=mode, heldout=4, overwrite=True, tokenizer=self.tok,
+                       progress=False, tensorboard=False)
+
+    # ---- rows --------------------------------------------------------------------------
+    def row(self, group, name, build, *, train=None, extra_ppl=None):
+        rid = f"{group}|{name}"
+        if rid in self.rows:
+            return self.rows[rid]
+        t0 = time.perf_counter()
+        model = build()
+        if train is not None:
+            train(model)
+        wall = time.perf_counter() - t0
+        row = {"id": rid, "group": group, "name": name, "wall_s": round(wall, 1), **self.evaluate(model, extra_ppl)}
+        self.rows[rid] = row
+        with open(self.rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{group:28s} {name:42s} params {row['params'] / 1e6:6.1f}M  ppl {row['wikitext_ppl']:9.2f}  "
+              f"hs {row['hellaswag_acc_norm']:.3f}  KL {row['val_kl']:.3f}  {wall:6.0f}s", flush=True)
+        del model
+        return row
+
+    def pruned(self, targets: Targets, kind="activation", aggregation="mean,l2", teacher=None, scores_key=None, data=None):
+        sc = self.scores(kind, aggregation, teacher=teacher, data=data, key=scores_key)
+        return prune_model(teacher or self.teacher, make_plan(sc, self.shape, targets))
+
+
+def main():
+    a = parse()
+    torch.set_num_threads(a.threads)
+    st = Study(a)
+    print(f"# {machine()}; {a.tokens} distillation tokens per row; out: {a.out}", flush=True)
+    width = Targets(**WIDTH)
+    depth_n = st.depth_layers()
+    kd = lambda m, name: st.train(m, name)  # noqa: E731
+
+    st.row("0 teacher", "SmolLM2-135M-Instruct", lambda: st.teacher)
+    # 1. width vs depth ------------------------------------------------------------------
+    st.row("1 width vs depth", "width (activation)", lambda: st.pruned(width), train=lambda m: kd(m, "w-act"))
+    for metric in ("block", "loss", "bi"):
+        st.row("1 width vs depth", f"depth {depth_n} layers by {metric}",
+               lambda metric=metric: st.pruned(Targets(layers=depth_n, depth_metric=metric)),
+               train=lambda m, metric=metric: kd(m, f"d-{metric}"))
+    # 2. importance kinds ----------------------------------------------------------------
+    for kind in ("activation", "magnitude", "random"):
+        st.row("2 importance (zero-shot)", kind, lambda kind=kind: st.pruned(width, kind))
+    for kind in ("magnitude", "random"):
+        st.row("2 importance (distilled)", kind, lambda kind=kind: st.pruned(width, kind), train=lambda m, kind=kind: kd(m, f"w-{kind}"))
+    # 3. aggregations, zero-shot ---------------------------------------------------------
+    for agg in ("mean,l2", "mean,mean", "l2,l2", "var,var"):
+        st.row("3 aggregation (zero-shot)", f"seq {agg.split(',')[0]}, batch {agg.split(',')[1]}",
+               lambda agg=agg: st.pruned(width, "activation", agg))
+    # 4. distillation vs LM loss vs random init ---------------------------------------------
+    st.row("4 training objective", "LM loss from the pruned start", lambda: st.pruned(width),
+           train=lambda m: st.train(m, "w-lm", mode="lm"))
+
+    def random_init():
+        from transformers import AutoModelForCausalLM
+
+        plan = make_plan(st.scores(), st.shape, width)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(st.adapter.new_config(plan), dtype=torch.float32)
+
+    st.row("4 training objective", "random init + distillation", random_init, train=lambda m: kd(m, "w-random-init"))
+    # 5. teacher correction on Shakespeare -----------------------------------------------------
+    train_txt, held_txt = str(st.data_dir / "shakespeare-train.txt"), str(st.data_dir / "shakespeare-heldout.txt")
+    st.row("5 teacher correction", "original teacher (reference)", lambda: st.teacher, extra_ppl=held_txt)
+    corrected_dir = a.out / "students" / "teacher-corrected"
+
+    def corrected_teacher():
+        if not (corrected_dir / "config.json").exists():
+            st.train(load_model("smollm2-135m", dtype="float32"), "teacher-corrected", mode="lm", data=train_txt, tokens=a.tokens * 2)
+        return load_model(str(corrected_dir), dtype="float32")
+
+    st.row("5 teacher correction", "corrected teacher (reference)", corrected_teacher, extra_ppl=held_txt)
+    st.row("5 teacher correction", "student of the original teacher",
+           lambda: st.pruned(width, scores_key="shakes-orig", data=train_txt),
+           train=lambda m: st.train(m, "shakes-orig", data=train_txt), extra_ppl=held_txt)
+
+    def from_corrected():
+        t = corrected_teacher()
+        st._corrected = t
+        return st.pruned(width, teacher=t, scores_key="shakes-corr", data=train_txt)
+
+    st.row("5 teacher correction", "student of the corrected teacher", from_corrected,
+           train=lambda m: st.train(m, "shakes-corr", teacher=st._corrected, data=train_txt), extra_ppl=held_txt)
+    # 6. search winner vs hand-picked shapes -------------------------------------------------------
+    from slimlm.search import enumerate_candidates, run_search
+
+    target = st.adapter.param_count(target_shape(width, st.shape))
+    cands = enumerate_candidates(st.adapter, target, max_candidates=3 if a.quick else 4, max_depth_prune=0.2, max_width_prune=0.45)
+    sc = st.scores()
+    need = {st.shape.layers - c.shape.layers for c in cands} - {0} - set(sc.block_losses)
+    if need:
+        held = pack_windows(None, st.tok, a.seq_len, a.calib_samples + 8, seed=0).split(8)[1].input_ids
+        from slimlm.importance import block_removal_losses
+
+        for k in sorted(need):
+            sc.block_losses[k] = block_removal_losses(st.teacher, held, k, progress=False)
+    search_dir = a.out / "search"
+    ranking = run_search(st.teacher, st.tok, sc, cands, search_dir, data="builtin:python-docs", search_tokens=max(a.tokens // 4, 256),
+                         distill_kwargs=dict(seq_len=a.seq_len, micro_batch=4, global_batch=16, lr=1e-4, min_lr=1e-5, warmup=4,
+                                             seed=0, heldout=4, tensorboard=False), progress=False)
+    best = ranking[0]
+    win = Targets(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
+    st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), train=lambda m: kd(m, "search-winner"))
+    st.row("6 search vs hand-picked", "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(width), train=lambda m: kd(m, "w-act-2"))
+    for name, t in HAND_SHAPES.items():
+        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(Targets(**t)), train=lambda m, name=name: kd(m, name))
+    write_tables(st, ranking)
+
+
+def write_tables(st: Study, ranking) -> None:
+    a = st.a
+    lines = [f"Machine: {machine()}. Teacher SmolLM2-135M-Instruct (fp32). Distillation: {a.tokens:,} tokens per row, "
+             f"sequence {a.seq_len}, batch 16, LR 1e-4 -> 1e-5 cosine, forward KL. WikiText-2: first {a.ppl_tokens:,} tokens. "
+             f"HellaSwag: first {a.hellaswag_items} items. Validation KL: to the original teacher, on Python documentation pages "
+             "that no row trains on.", ""]
+    group = None
+    for r in st.rows.values():
+        if r["group"] != group:
+            group = r["group"]
+            extra = " Shakespeare ppl |" if group.startswith("5") else ""
+            lines += ["", f"### {group}", "", f"| row | parameters | WikiText-2 ppl | HellaSwag acc_norm | val KL |{extra} wall s |",
+                      "|---|---|---|---|---|" + ("---|" if extra else "") + "---|"]
+        sh = f" {r['shakespeare_ppl']:.2f} |" if "shakespeare_ppl" in r else ""
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {r['hellaswag_acc_norm']:.3f} | "
+                     f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} |")
+    lines += ["", "### search ranking (short distillation, validation KL on the training corpus's held-out windows)", "",
+              "| rank | candidate | parameters | val KL |", "|---|---|---|---|"]
+    for i, r in enumerate(ranking, 1):
+        lines.append(f"| {i} | {r['candidate']} | {r['params'] / 1e6:.1f}M | {r['val_kl']:.4f} |")
+    (st.out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(st)
+
+
+def plot(st: Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in st.rows.values() if not r["group"].startswith("0")]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
+    names = [f"{r['group'][:1]}. {r['name']}" for r in rows]
+    ax.barh(range(len(rows)), [r["wikitext_ppl"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("WikiText-2 perplexity (log scale, lower is better)")
+    teacher = next(r for r in st.rows.values() if r["group"].startswith("0"))
+    ax.axvline(teacher["wikitext_ppl"], color="k", ls="--", lw=1, label="teacher")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(st.out / "fidelity_ppl.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

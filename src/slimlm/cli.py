@@ -34,7 +34,7 @@ def emit_json(obj: dict) -> None:
 def _register_commands() -> None:
     from . import commands  # noqa: F401  (core commands register on import)
 
-    for module in ("slimlm.distill.cli", "slimlm.evaluate.cli"):
+    for module in ("slimlm.distill.cli", "slimlm.evaluate.cli", "slimlm.align.cli", "slimlm.hub"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

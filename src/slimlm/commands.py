@@ -209,10 +209,10 @@ def search(
 def run_command(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the embedded SmolLM2-135M recipe)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<recipe name>)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo from this stage: correct, importance, prune, distill, eval, report."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Redo from this stage: correct, importance, prune, distill, align, eval, report."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
 ):
-    """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> eval -> report (resumable)."""
+    """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> align -> eval -> report (resumable)."""
     from .pipeline import STAGES, run
     from .recipe import load_recipe
 
@@ -238,5 +238,7 @@ def run_command(
     if summary["report"]:
         Console().print(f"report: {summary['report']}")
     Console().print(f"student: {summary['student']}")
+    if summary.get("aligned"):
+        Console().print(f"aligned: {summary['aligned']}")
     if json_out:
         emit_json(summary)

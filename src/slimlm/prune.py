@@ -115,6 +115,9 @@ def _finish_folder(tmp: Path, source_dir: str | None, prov: dict) -> None:
             if src.exists() and not (tmp / name).exists():
                 shutil.copy2(src, tmp / name)
     (tmp / "slimlm.json").write_text(json.dumps(prov, indent=1) + "\n")
+    from .card import write_model_card
+
+    write_model_card(tmp)
 
 
 def checkpoint_shards(folder: str | Path) -> list[Path]:

@@ -80,6 +80,17 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "save_every": ((int,), None),
         "heldout": ((int,), 16),
     },
+    # Optional instruction tuning of the distilled student (runs when `sft` is given).
+    "align": {
+        "sft": ((str,), None),
+        "prefs": ((str,), None),
+        "tokens": ((int,), 20000),
+        "lr": (NUM, 2e-5),
+        "seq_len": ((int,), 256),
+        "micro_batch": ((int,), 4),
+        "global_batch": ((int,), None),
+        "beta": (NUM, 0.1),
+    },
     "eval": {
         "ppl": ((str, list), None),
         "ppl_tokens": ((int,), 8192),
@@ -173,7 +184,9 @@ def _finish(r: dict, present: set, name: str) -> dict:
     r["mode"] = "search" if "search" in present else "prune"
     if r["mode"] == "prune" and not any(r["prune"][k] is not None for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "drop_layers")):
         raise SlimlmError(f"{name}: the prune section names no size (hidden, ffn, heads, kv_heads, layers or drop_layers)")
-    for section in ("correct_teacher", "importance", "distill", "search"):
+    if "align" in present and r["align"]["prefs"] and not r["align"]["sft"]:
+        raise SlimlmError(f"{name}: align.prefs needs align.sft (DPO runs after SFT)")
+    for section in ("correct_teacher", "importance", "distill", "search", "align"):
         for key, value in r[section].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise SlimlmError(f"{name}: {section}.{key} must not be negative")

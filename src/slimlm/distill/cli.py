@@ -83,6 +83,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the data order and initialisation."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16."),
         text_field: str = typer.Option("text", "--text-field", help="Text column of JSON/Parquet/CSV/datasets sources."),
+        chat: bool = typer.Option(
+            False, "--chat", help="--data is chat JSONL ({\"messages\": [...]}), rendered with the chat template: "
+                                  "an instruct teacher gives an instruct student."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -97,7 +100,7 @@ def register(app: typer.Typer) -> None:
             layer_map=layer_map, mode=mode, eval_every=eval_every, heldout=heldout, eval_data=eval_data,
             save_every=save_every, resume=resume, seed=seed, dtype=dtype, text_field=text_field,
             overwrite=overwrite, progress=not quiet, chunk_size=chunk_size,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, chat=chat,
         )
         _report(result, as_json, "distilled student" if mode == "kd" else "LM-trained student")
 

@@ -83,6 +83,30 @@ def cached_windows(
     return np.load(path, mmap_mode="r")
 
 
+def chat_text_source(source, tokenizer, cache_dir: str | os.PathLike) -> str:
+    """Chat records (JSONL of ``messages``) rendered with the tokenizer's chat template, as a text source.
+
+    The rendered texts are written once to ``cache_dir/chat-<hash>.jsonl`` (``{"text": ...}`` lines),
+    named after the source and the template, so a resumed run reads the same file.
+    """
+    from ..chat import read_conversations, render_chat_texts, template_text
+
+    key = hashlib.sha256(
+        json.dumps([source_fingerprint(str(source)), template_text(tokenizer), tokenizer_fingerprint(tokenizer)],
+                   default=str).encode()
+    ).hexdigest()[:20]
+    path = Path(cache_dir) / f"chat-{key}.jsonl"
+    if not path.exists():
+        texts = render_chat_texts(read_conversations(source, need_assistant=False), tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".chat-", suffix=".jsonl", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+        os.replace(tmp, path)
+    return str(path)
+
+
 class WindowOrder:
     """The seeded, endless order in which training windows are visited.
 

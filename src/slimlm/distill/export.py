@@ -34,6 +34,7 @@ def provenance(g, metrics: dict, elapsed: float) -> dict:
         "teacher": g.t_spec,
         "student": g.s_spec,
         "data": str(g.data),
+        "chat": bool(getattr(g, "chat", False)),
         "eval_data": str(g.eval_data) if g.eval_data else None,
         "tokens": g.total_steps * g.global_batch * g.seq_len,
         "tokens_requested": g.tokens,
@@ -74,6 +75,9 @@ def export_student(accelerator, objective, tokenizer, out: Path, meta: dict, sav
                 tokenizer.save_pretrained(tmp)
                 _carry(out, tmp)
                 atomic_write_json(tmp / "slimlm.json", meta)
+                from ..card import write_model_card
+
+                write_model_card(tmp)
         finally:
             config.dtype = old_dtype
             if source is not None:

@@ -29,7 +29,8 @@ from ..models import load_config, load_model, load_tokenizer, pick_dtype
 from .accel import cpu_only, prepare_teacher, reset_accelerate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .export import export_student, provenance
-from .data import WindowOrder, cached_windows, gather, tokenizer_fingerprint
+from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
+from .data import WindowOrder, cached_windows, chat_text_source, gather, tokenizer_fingerprint
 from .loss import check_loss_name
 from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
 from .monitor import Monitor, fmt_rate, progress_bar
@@ -142,6 +143,7 @@ def distill(
     mode: str = "kd",
     text_field: str = "text",
     tokenizer=None,
+    chat: bool = False,
     chunk_size: int = 1024,
     gradient_checkpointing: bool = False,
     stop_after: int | None = None,
@@ -170,6 +172,10 @@ def distill(
         save_every: checkpoint every N steps (default: total/10 within [25, 1000]; 0: never); `resume`
             continues from the newest checkpoint in `out` at the exact data position.
         dtype: 'auto' (fp32 on CPU, bf16 mixed precision on GPUs), 'fp32', 'bf16', 'fp16'.
+        chat: `data` (and `eval_data`) are chat records, JSONL of ``{"messages": [...]}``, rendered with
+            the chat template (the student's, else the teacher's) before packing: an instruct teacher
+            then yields an instruct student directly.  The teacher's chat template is saved with the
+            student whenever the student has none.
         chunk_size: tokens per chunk of the loss (LM head applied inside, logits recomputed in
             backward); 0 for full logits without recomputation (faster, much more memory).
         gradient_checkpointing: recompute the student's decoder layers in backward (less memory).
@@ -246,6 +252,15 @@ def distill(
         raise SlimlmError("no tokenizer found with the student or the teacher; pass one")
     if t_cfg is not None:
         _check_compatible(t_cfg, s_cfg, t_tok, s_tok)
+    if t_tok is not None and template_text(tok) is None and template_text(t_tok) is not None:
+        tok.chat_template = template_text(t_tok)  # the teacher's chat template goes with the student
+    if chat:
+        if data is None or str(data) == DEFAULT_CORPUS:
+            raise SlimlmError("--chat needs --data FILE.jsonl of {\"messages\": [...]} records")
+        ensure_chat_template(tok, what="the student (and the teacher)")
+        for source in (data, eval_data):
+            if source is not None:
+                render_chat_texts(read_conversations(source, need_assistant=False), tok)  # every record renders
     if len(tok) > s_cfg.vocab_size:
         raise SlimlmError(f"the tokenizer has {len(tok)} tokens but the student only {s_cfg.vocab_size} embeddings")
     for role, cfg in (("student", s_cfg), ("teacher", t_cfg)):
@@ -263,6 +278,8 @@ def distill(
         ce_weight=ce_weight, hidden_loss=hidden_loss, layer_map=[list(p) for p in pairs], hidden_weight=hidden_weight,
         dtype=str(dtype), heldout=heldout, tokenizer=tokenizer_fingerprint(tok),
     )
+    if chat:
+        settings.update(chat=True, chat_template=template_hash(template_text(tok)))
     if resume:
         _check_same_run(run_dir, settings)
 
@@ -292,9 +309,13 @@ def _run(accelerator, **kw) -> DistillResult:
     g = _Namespace(kw)
     main = accelerator.is_main_process
     out, run_dir = g.out, g.run_dir
-    check_source(g.data, g.text_field)  # before anything is written: an empty source is a user error
-    if g.eval_data:
-        check_source(g.eval_data, g.text_field)
+    # Every process has checked the output before the main one writes into it (else a slower
+    # process finds the run folder just made and refuses it as an existing output).
+    accelerator.wait_for_everyone()
+    if not g.chat:  # chat data was checked record by record already
+        check_source(g.data, g.text_field)  # before anything is written: an empty source is a user error
+        if g.eval_data:
+            check_source(g.eval_data, g.text_field)
     if main:
         if not g.resume and g.overwrite:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -311,10 +332,15 @@ def _run(accelerator, **kw) -> DistillResult:
     need = g.total_steps * g.global_batch
     n_heldout = g.heldout if g.eval_every else 0
     with accelerator.main_process_first():
-        windows = cached_windows(g.data, g.tok, g.seq_len, need + (0 if g.eval_data else n_heldout),
-                                 run_dir / "cache", g.text_field)
+        data_src, eval_src, field = g.data, g.eval_data, g.text_field
+        if g.chat:  # chat records rendered with the template, then packed like any text
+            data_src = chat_text_source(g.data, g.tok, run_dir / "cache")
+            eval_src = chat_text_source(g.eval_data, g.tok, run_dir / "cache") if g.eval_data else None
+            field = "text"
+        windows = cached_windows(data_src, g.tok, g.seq_len, need + (0 if g.eval_data else n_heldout),
+                                 run_dir / "cache", field)
         if g.eval_data and n_heldout:
-            held = cached_windows(g.eval_data, g.tok, g.seq_len, n_heldout, run_dir / "cache", g.text_field)
+            held = cached_windows(eval_src, g.tok, g.seq_len, n_heldout, run_dir / "cache", field)
         elif n_heldout:
             n_heldout = min(n_heldout, len(windows) // 5)
             held = windows[len(windows) - n_heldout:] if n_heldout else windows[:0]

@@ -105,3 +105,16 @@ def text_file(tmp_path):
     p = tmp_path / "corpus.txt"
     p.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + "\n") * 20)
     return p
+
+
+def run_cli(args, capsys):
+    """Run the `slimlm` CLI in-process; return (exit code, stdout, stderr)."""
+    from slimlm.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny, tiny_model, tiny_tokenizer
+from conftest import save_tiny, tiny_model, tiny_tokenizer, run_cli
 
-from slimlm.cli import main
 
 # A simple chat template for the character-level tiny tokenizer; "</s>" (EOS) ends each assistant turn.
 PLAIN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}a: {{ m['content'] }}</s>"
@@ -25,14 +24,7 @@ CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "con
                 {"role": "assistant", "content": "yes, ok"}]
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def _chat_tokenizer(template):

@@ -6,19 +6,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import save_tiny
-
-from slimlm.cli import main
+from conftest import save_tiny, run_cli
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny
-from slimlm.cli import main
+from conftest import save_tiny, run_cli
 
 
-def run(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def last_json(stdout):

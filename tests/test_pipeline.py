@@ -4,20 +4,12 @@ import json
 
 import pytest
 
-from conftest import save_tiny
-from slimlm.cli import main
+from conftest import save_tiny, run_cli
 from slimlm.errors import SlimlmError
 from slimlm.recipe import load_recipe, parse_recipe
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def _recipe(tmp_path, text_file, extra=""):

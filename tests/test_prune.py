@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, save_tiny, tiny_model
+from conftest import FAMILIES, tiny_model
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import random_scores

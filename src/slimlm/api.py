@@ -13,7 +13,7 @@ from .data import DEFAULT_CORPUS, check_source, pack_windows
 from .errors import SlimlmError
 from .importance import IMPORTANCE_KINDS, Scores, estimate_importance, parse_aggregation
 from .models import load_config, load_model, load_tokenizer, resolve_model_path
-from .plan import PrunePlan, Targets, make_plan, target_shape, validate_targets
+from .plan import Targets, make_plan, target_shape, validate_targets
 from .prune import checkpoint_shards, prune_checkpoint, provenance, save_pruned_model
 
 DEFAULT_CALIB_SAMPLES = 128

@@ -67,7 +67,8 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _texts_from_dataset(ds, text_field: str, source: str) -> Iterator[str]:
+def _rows_from_dataset(ds, text_field: str, source: str) -> Iterator[tuple[str, float | None]]:
+    """(text, fraction of the rows read so far, or None when the length is unknown)."""
     from datasets import DatasetDict, IterableDatasetDict
 
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
@@ -76,18 +77,36 @@ def _texts_from_dataset(ds, text_field: str, source: str) -> Iterator[str]:
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_field not in columns:
         raise SlimlmError(f"{source} has no field '{text_field}' (fields: {', '.join(columns)}); use --text-field")
-    for row in ds:
+    try:
+        n = len(ds)
+    except TypeError:  # a streamed dataset
+        n = None
+    for i, row in enumerate(ds):
         value = row.get(text_field)
         if isinstance(value, str) and value:
-            yield value
+            yield value, (i + 1) / n if n else None
 
 
-def _texts_from_file(path: Path, text_field: str) -> Iterator[str]:
+def _pieces_of_file(path: Path, text_field: str, piece_chars: int | None) -> Iterator[tuple[str, bool, float]]:
+    """(text, last piece of its document, fraction of the file read) for one file."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES or suffix not in KNOWN_SUFFIXES:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.strip():
-            yield text
+        size = path.stat().st_size
+        if piece_chars is None or size <= piece_chars:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text, True, 1.0
+            return
+        # A big text file is one document read in pieces that end at a line break, so
+        # that a corpus larger than memory never sits in memory whole.
+        with open(path, encoding="utf-8", errors="replace") as f:
+            piece = f.read(piece_chars) + f.readline()
+            while piece:
+                following = f.read(piece_chars)
+                if following:
+                    following += f.readline()
+                yield piece, not following, min(f.buffer.tell() / size, 1.0) if following else 1.0
+                piece = following
         return
     from datasets import load_dataset
 
@@ -96,40 +115,96 @@ def _texts_from_file(path: Path, text_field: str) -> Iterator[str]:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:
         raise SlimlmError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    yield from _texts_from_dataset(ds, text_field, str(path))
+    for value, frac in _rows_from_dataset(ds, text_field, str(path)):
+        yield value, True, 1.0 if frac is None else frac
 
 
 def iter_texts(source: str | Sequence[str] | None, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of one source (or several, in order)."""
+    for text, _, _ in iter_pieces(source, text_field):
+        yield text
+
+
+def iter_pieces(
+    source: str | Sequence[str] | None, text_field: str = "text", piece_chars: int | None = None
+) -> Iterator[tuple[str, bool, float | None]]:
+    """The documents of `source` as ``(text, last, fraction)`` triples, for streaming readers.
+
+    A plain-text file larger than `piece_chars` characters comes in pieces of about that
+    size ending at line breaks (``last`` is False for all but its final piece); every
+    other document is one piece.  ``fraction`` estimates how much of the source is read
+    (from file sizes, or row counts), None where unknown (hub streams).  With
+    `piece_chars=None` the pieces are exactly the documents of `iter_texts`.
+    """
     if source is None:
         source = DEFAULT_CORPUS
     if not isinstance(source, str):
-        for s in source:
-            yield from iter_texts(s, text_field)
+        sources = list(source)
+        sizes = [source_bytes(s) for s in sources]
+        total = sum(sizes) if all(sizes) else None
+        before = 0
+        for i, s in enumerate(sources):
+            for text, last, frac in iter_pieces(s, text_field, piece_chars):
+                if total:
+                    frac = None if frac is None else (before + frac * sizes[i]) / total
+                else:
+                    frac = None if frac is None else (i + frac) / len(sources)
+                yield text, last, frac
+            before += sizes[i] or 0
         return
     if source.startswith("builtin:"):
-        yield from builtin_corpus(source.split(":", 1)[1])
+        docs = builtin_corpus(source.split(":", 1)[1])
+        for i, doc in enumerate(docs):
+            yield doc, True, (i + 1) / len(docs)
         return
     if source.startswith("hf:"):
-        yield from _hub_texts(source[3:], text_field)
+        for text, frac in _hub_rows(source[3:], text_field):
+            yield text, True, frac
         return
     path = Path(source).expanduser()
     if _is_saved_dataset(path):
         from datasets import load_from_disk
 
-        yield from _texts_from_dataset(load_from_disk(str(path)), text_field, source)
+        for text, frac in _rows_from_dataset(load_from_disk(str(path)), text_field, source):
+            yield text, True, frac
         return
     files = _files_of(source)
     if files:
-        for f in files:
-            yield from _texts_from_file(f, text_field)
+        sizes = [max(f.stat().st_size, 1) for f in files]
+        total, before = sum(sizes), 0
+        for f, size in zip(files, sizes):
+            for text, last, frac in _pieces_of_file(f, text_field, piece_chars):
+                yield text, last, (before + frac * size) / total
+            before += size
         return
     if path.exists() or any(ch in source for ch in "*?[") or source.startswith((".", "/", "~")):
         raise SlimlmError(f"no readable data in {source}")
-    yield from _hub_texts(source, text_field)
+    for text, frac in _hub_rows(source, text_field):
+        yield text, True, frac
 
 
-def _hub_texts(name: str, text_field: str) -> Iterator[str]:
+def source_bytes(source: str | Sequence[str] | None) -> int | None:
+    """The size of a source's local files in bytes (characters for the builtin corpus); None when unknown."""
+    if source is None:
+        source = DEFAULT_CORPUS
+    if not isinstance(source, str):
+        sizes = [source_bytes(s) for s in source]
+        return sum(sizes) if all(sizes) else None
+    if source.startswith("builtin:"):
+        try:
+            return sum(map(len, builtin_corpus(source.split(":", 1)[1])))
+        except SlimlmError:
+            return None
+    if source.startswith("hf:"):
+        return None
+    path = Path(source).expanduser()
+    if _is_saved_dataset(path):
+        return None
+    files = _files_of(source)
+    return sum(f.stat().st_size for f in files) or None if files else None
+
+
+def _hub_rows(name: str, text_field: str) -> Iterator[tuple[str, float | None]]:
     from datasets import load_dataset
 
     split = "train"
@@ -142,12 +217,12 @@ def _hub_texts(name: str, text_field: str) -> Iterator[str]:
         ds = load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:
         raise SlimlmError(f"data '{name}' is not a local file, folder or saved dataset, and the hub could not provide it") from exc
-    yield from _texts_from_dataset(ds, text_field, name)
+    yield from _rows_from_dataset(ds, text_field, name)
 
 
 def check_source(source: str | Sequence[str] | None, text_field: str = "text") -> None:
-    """Fail early (before any model loads) when a data source is unusable."""
-    for text in iter_texts(source, text_field):
+    """Fail early (before any model loads) when a data source is unusable (reads only up to the first text)."""
+    for text, _, _ in iter_pieces(source, text_field, piece_chars=1 << 20):
         if text.strip():
             return
     raise SlimlmError(f"data source {source} holds no text")

@@ -17,7 +17,6 @@ Baselines: `magnitude` (L2 norm of each channel's weights) and `random`.
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +255,7 @@ def magnitude_scores(model) -> Scores:
     ffn = torch.zeros(shape.layers, shape.ffn, dtype=torch.float64)
     q_rows = torch.zeros(shape.layers, shape.heads * shape.head_dim, dtype=torch.float64)
     layer_norms = torch.zeros(shape.layers, dtype=torch.float64)
-    qdim, kvdim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    qdim = shape.heads * shape.head_dim
     for name, tensor in model.state_dict().items():
         layer, rule = adapter.tensor_rule(name)
         t = tensor.detach().double().cpu()

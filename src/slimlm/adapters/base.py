@@ -13,7 +13,6 @@ Importance and pruning only speak of those axes; they never name a family.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import torch

@@ -8,9 +8,7 @@ With tied embeddings that also scales the logits, which the final norm compensat
 
 import math
 
-import torch
-
-from .base import HIDDEN, KEEP, KV, Q, Adapter, FFN
+from .base import HIDDEN, KEEP, Adapter
 
 
 class Gemma3Adapter(Adapter):

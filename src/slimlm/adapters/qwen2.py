@@ -1,8 +1,6 @@
 """Qwen2: Llama's layout plus biases on the q/k/v projections."""
 
-import copy
-
-from .base import HIDDEN, KV, Q, Adapter
+from .base import KV, Q, Adapter
 
 
 class Qwen2Adapter(Adapter):

@@ -16,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Distillation's token caches go to a pytest folder, not ~/.cache/slimlm/tokens."""
+    if "SLIMLM_TOKEN_CACHE" not in os.environ:
+        os.environ["SLIMLM_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+        yield
+        os.environ.pop("SLIMLM_TOKEN_CACHE", None)
+    else:
+        yield
+
 # Small but not degenerate: GQA with 2 query heads per KV group, head_dim != hidden/heads.
 COMMON = dict(
     vocab_size=96,

@@ -244,8 +244,15 @@ def test_template_survives_pruning_and_distill_chat_carries_the_teachers(files, 
     rendered = [json.loads(line)["text"] for line in open(chat_text_source(chat, _chat_tokenizer(MARKED), out / "run" / "cache"))]
     assert rendered == [_chat_tokenizer(MARKED).apply_chat_template(CONVERSATION, tokenize=False)] * 12
     assert rendered[0].startswith("s: be brief;u: hi there;a: hello</s>")
-    windows = list((out / "run" / "cache").glob("windows-*.npy"))
-    assert windows and len(list((out / "run" / "cache").glob("chat-*.jsonl"))) == 1
+    # distill rendered the same file into the token cache, and tokenized it there.
+    from pathlib import Path
+
+    from slimlm.distill.tokens import default_token_cache
+
+    rendered_by_distill = set(default_token_cache().glob("chat-*.jsonl"))
+    path = Path(chat_text_source(chat, _chat_tokenizer(MARKED), default_token_cache()))
+    assert path in rendered_by_distill
+    assert any(p.is_dir() and p.name.startswith(path.name + "-") for p in default_token_cache().iterdir())
 
     # --chat without chat data is refused up front.
     from slimlm.errors import SlimlmError

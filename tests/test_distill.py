@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 
+from slimlm.data import pack_windows
 from slimlm.distill import distill, kd_loss, naive_kd_loss
 from slimlm.distill.trainer import NonFiniteLossError, effective_warmup, schedule
 from slimlm.errors import SlimlmError
@@ -137,7 +137,7 @@ def test_distill_lowers_kl_and_exports_a_standard_checkpoint(models, tmp_path):
     assert meta["hyperparameters"]["warmup_steps"] == 0 and meta["final_metrics"]["val_kl"] > 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2 and "_slimlm_source" not in json.loads((out / "config.json").read_text())
-    assert (out / "tokenizer.json").exists() and list((out / "run" / "cache").glob("windows-*.npy"))
+    assert (out / "tokenizer.json").exists() and meta["data"] == models["data"]
 
 
 def test_lm_mode_loss_is_cross_entropy(models, tmp_path):
@@ -154,8 +154,9 @@ def test_lm_mode_loss_is_cross_entropy(models, tmp_path):
     records = []
     distill(None, student, models["data"], tmp_path / "lm", tokens=2 * 4 * SEQ, mode="lm", eval_every=0,
             save_every=0, tokenizer=tiny_tokenizer(), on_step=records.append, **FAST)
-    windows = np.load(next((tmp_path / "lm" / "run" / "cache").glob("windows-*.npy")))
-    first = torch.from_numpy(windows[WindowOrder(len(windows), 0).indices(0, 4)].astype(np.int64))
+    # 8 windows needed, no held-out: the first 8 windows of the packed text, in the seeded order.
+    windows = pack_windows(models["data"], tiny_tokenizer(), SEQ, None).input_ids[:8]
+    first = windows[torch.from_numpy(WindowOrder(8, 0).indices(0, 4))]
     start = tiny_model("llama", num_hidden_layers=2)
     want = F.cross_entropy(start(first).logits[:, :-1].reshape(-1, 96), first[:, 1:].reshape(-1))
     assert records[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
@@ -242,7 +243,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before validation finished")
 
     monkeypatch.setattr(trainer, "load_model", boom)
-    monkeypatch.setattr(trainer, "cached_windows", boom)
+    monkeypatch.setattr(trainer, "build_training_data", boom)
 
 
 @pytest.mark.parametrize("case,match", [

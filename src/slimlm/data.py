@@ -5,6 +5,10 @@ a `datasets` dataset saved to disk; a hub dataset name (``hf:NAME[:CONFIG][@SPLI
 or a bare name when it is not a local path).  The default corpus, ``builtin:python-docs``,
 needs no download: it is the reference documentation that ships inside every CPython
 (``pydoc_data.topics``).
+
+`iter_texts` yields whole documents; `iter_pieces` is the streaming form (big plain-text
+files in pieces cut at line breaks, with how much of the source is read) that the
+distillation token cache uses.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -240,8 +241,13 @@ def launch_command(config_file: str, teacher, student: str, data, out, **kw) -> 
     if teacher is not None:
         cmd += ["--teacher", str(teacher)]
     cmd += ["--student", str(student), "--out", str(out), "--quiet"]
-    if data is not None:
-        cmd += ["--data", data if isinstance(data, str) else ",".join(data)]
+    if isinstance(data, dict):  # a weighted mixture
+        for source in data:
+            cmd += ["--data", str(source)]
+        cmd += ["--data-weights", ",".join(str(w) for w in data.values())]
+    elif data is not None:
+        for source in [data] if isinstance(data, (str, os.PathLike)) else data:
+            cmd += ["--data", str(source)]
     for key, value in kw.items():
         if key == "progress" or value is None or value is False:
             continue

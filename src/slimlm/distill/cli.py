@@ -4,7 +4,7 @@ Imports stay light here (no torch) so that `slimlm --help` is fast; the trainer 
 """
 
 import re
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -46,6 +46,21 @@ def _report(result, as_json: bool, what: str) -> None:
         emit_json(result.as_dict())
 
 
+DATA_HELP = ("Training text source (file, folder, glob, saved dataset, hub name; default builtin:python-docs). "
+             "Repeat to mix several sources: --data a.txt --data corpus/ (equal weights, or --data-weights).")
+WEIGHTS_HELP = ("Mixing weights, one per --data in the same order, comma-separated: --data-weights 0.7,0.3 "
+                "(relative; the windows are interleaved in a seeded order that keeps these proportions).")
+CACHE_HELP = ("Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each "
+              "source is tokenized once there and reused. Delete it to clear the cache.")
+
+
+def data_arg(data: Optional[List[str]]):
+    """The repeatable --data as distill() takes it: None (default corpus), one source, or a list."""
+    if not data:
+        return "builtin:python-docs"
+    return data[0] if len(data) == 1 else list(data)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `distill` and `correct-teacher` commands to the slimlm CLI."""
 
@@ -53,7 +68,9 @@ def register(app: typer.Typer) -> None:
     def distill_cmd(
         teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher model: folder, hub id, .gguf or alias."),
         student: str = typer.Option(..., "--student", "-s", help="Student model (e.g. the output of slimlm prune)."),
-        data: str = typer.Option("builtin:python-docs", "--data", "-d", help="Training text source."),
+        data: Optional[List[str]] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+        data_weights: Optional[str] = typer.Option(None, "--data-weights", help=WEIGHTS_HELP),
+        token_cache: Optional[str] = typer.Option(None, "--token-cache", help=CACHE_HELP),
         out: str = typer.Option(..., "--out", "-o", help="Output folder (a Hugging Face checkpoint in the end)."),
         tokens: str = typer.Option("100k", "--tokens", "-n", help="Token budget: 100000, 1e5, 250k, 2M, 94B."),
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training window."),
@@ -94,7 +111,8 @@ def register(app: typer.Typer) -> None:
         from . import distill
 
         result = distill(
-            teacher, student, data, out, parse_count(tokens),
+            teacher, student, data_arg(data), out, parse_count(tokens), data_weights=data_weights,
+            token_cache=token_cache,
             seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
             warmup=warmup, loss=loss, temperature=temperature, ce_weight=ce_weight, hidden_loss=hidden_loss,
             layer_map=layer_map, mode=mode, eval_every=eval_every, heldout=heldout, eval_data=eval_data,
@@ -107,7 +125,9 @@ def register(app: typer.Typer) -> None:
     @app.command("correct-teacher")
     def correct_teacher_cmd(
         model: str = typer.Argument(..., help="The teacher to fine-tune on the distillation data."),
-        data: str = typer.Option("builtin:python-docs", "--data", "-d", help="The distillation data."),
+        data: Optional[List[str]] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+        data_weights: Optional[str] = typer.Option(None, "--data-weights", help=WEIGHTS_HELP),
+        token_cache: Optional[str] = typer.Option(None, "--token-cache", help=CACHE_HELP),
         out: str = typer.Option(..., "--out", "-o", help="Output folder for the corrected teacher."),
         tokens: str = typer.Option("100k", "--tokens", "-n", help="Token budget: 100000, 1e5, 250k, 2M."),
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training window."),
@@ -131,7 +151,8 @@ def register(app: typer.Typer) -> None:
         from . import distill
 
         result = distill(
-            None, model, data, out, parse_count(tokens), mode="lm", seq_len=seq_len, micro_batch=micro_batch,
+            None, model, data_arg(data), out, parse_count(tokens), mode="lm", data_weights=data_weights,
+            token_cache=token_cache, seq_len=seq_len, micro_batch=micro_batch,
             global_batch=global_batch, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup=warmup,
             eval_every=eval_every, heldout=heldout, save_every=save_every, resume=resume, seed=seed, dtype=dtype,
             text_field=text_field, overwrite=overwrite, progress=not quiet,

@@ -33,7 +33,7 @@ def provenance(g, metrics: dict, elapsed: float) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher": g.t_spec,
         "student": g.s_spec,
-        "data": str(g.data),
+        "data": _describe_data(g),
         "chat": bool(getattr(g, "chat", False)),
         "eval_data": str(g.eval_data) if g.eval_data else None,
         "tokens": g.total_steps * g.global_batch * g.seq_len,
@@ -97,3 +97,11 @@ def _carry(out: Path, tmp: Path) -> None:
         link(out / "metrics.jsonl", tmp / "metrics.jsonl")
     if (out / "run").is_dir():
         shutil.copytree(out / "run", tmp / "run", copy_function=link)
+
+
+def _describe_data(g):
+    """The run's data as recorded: the source, or [[source, weight], ...] for a mixture."""
+    from .data import describe_sources
+
+    sources = getattr(g, "sources", None)
+    return describe_sources(sources) if sources else str(g.data)

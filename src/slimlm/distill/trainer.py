@@ -30,7 +30,8 @@ from .accel import cpu_only, prepare_teacher, reset_accelerate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
-from .data import WindowOrder, cached_windows, chat_text_source, gather, tokenizer_fingerprint
+from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
+from .tokens import default_token_cache
 from .loss import check_loss_name
 from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
 from .monitor import Monitor, fmt_rate, progress_bar
@@ -150,6 +151,8 @@ def distill(
     progress: bool = True,
     tensorboard: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    data_weights=None,
+    token_cache: str | os.PathLike | None = None,
 ) -> DistillResult:
     """Distill `teacher` into `student` (mode 'kd'), or train `student` with the LM loss (mode 'lm').
 
@@ -157,10 +160,15 @@ def distill(
         teacher, student: model names/folders/aliases (as `slimlm.models.load_model` takes) or
             loaded Hugging Face models (a model object is trained in place). `teacher` may be
             None in mode 'lm'; given there, validation also reports the KL to it.
-        data: training text source (see `slimlm.data`); `eval_data` an optional separate
-            held-out source (default: the last `heldout` windows of `data`).
+        data: training text source (see `slimlm.data`), or several mixed: a list (equal weights, or
+            `data_weights` with one weight per source) or a dict ``{source: weight}``.  Weights are
+            relative; the windows of the sources are interleaved in a seeded order that keeps the
+            proportions.  `eval_data` is an optional separate held-out source (default: the windows
+            right after each source's training windows, `heldout` in all).
+        token_cache: folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens):
+            every source is tokenized once into memory-mapped shards there and reused by later runs.
         out: output folder; in the end a standard Hugging Face checkpoint with `slimlm.json`,
-            `metrics.jsonl` and the run state under `run/` (checkpoints, token cache, TensorBoard).
+            `metrics.jsonl` and the run state under `run/` (checkpoints, TensorBoard).
         tokens: training budget; steps = ceil(tokens / (global_batch * seq_len)).
         micro_batch: windows per forward per process; `global_batch` windows per optimizer step
             (default micro_batch x processes; the rest is gradient accumulation).
@@ -210,6 +218,8 @@ def distill(
         raise SlimlmError("warmup, ce-weight, hidden-weight, weight-decay must be >= 0; clip and temperature > 0")
     if teacher is None and mode == "kd":
         raise SlimlmError("distillation needs a teacher")
+    sources = parse_sources(data, data_weights)
+    token_cache = Path(token_cache).expanduser() if token_cache is not None else default_token_cache()
 
     from accelerate import PartialState
 
@@ -255,10 +265,10 @@ def distill(
     if t_tok is not None and template_text(tok) is None and template_text(t_tok) is not None:
         tok.chat_template = template_text(t_tok)  # the teacher's chat template goes with the student
     if chat:
-        if data is None or str(data) == DEFAULT_CORPUS:
+        if data is None or any(s == DEFAULT_CORPUS for s, _ in sources):
             raise SlimlmError("--chat needs --data FILE.jsonl of {\"messages\": [...]} records")
         ensure_chat_template(tok, what="the student (and the teacher)")
-        for source in (data, eval_data):
+        for source in [s for s, _ in sources] + [eval_data]:
             if source is not None:
                 render_chat_texts(read_conversations(source, need_assistant=False), tok)  # every record renders
     if len(tok) > s_cfg.vocab_size:
@@ -272,7 +282,9 @@ def distill(
         pairs = parse_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
 
     settings = dict(
-        mode=mode, teacher=t_spec, student=s_spec, data=str(data), eval_data=str(eval_data) if eval_data else None,
+        mode=mode, teacher=t_spec, student=s_spec,
+        data=str(data) if data is None or isinstance(data, (str, os.PathLike)) else describe_sources(sources),
+        eval_data=str(eval_data) if eval_data else None,
         tokens=tokens, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
         warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, loss=loss, temperature=temperature,
         ce_weight=ce_weight, hidden_loss=hidden_loss, layer_map=[list(p) for p in pairs], hidden_weight=hidden_weight,
@@ -313,7 +325,8 @@ def _run(accelerator, **kw) -> DistillResult:
     # process finds the run folder just made and refuses it as an existing output).
     accelerator.wait_for_everyone()
     if not g.chat:  # chat data was checked record by record already
-        check_source(g.data, g.text_field)  # before anything is written: an empty source is a user error
+        for source, _ in g.sources:  # before anything is written: an empty source is a user error
+            check_source(source, g.text_field)
         if g.eval_data:
             check_source(g.eval_data, g.text_field)
     if main:
@@ -328,34 +341,22 @@ def _run(accelerator, **kw) -> DistillResult:
             atomic_write_json(run_dir / "config.json", g.settings)
     accelerator.wait_for_everyone()
 
-    # ---- 5. data (tokenized once, cached) ------------------------------------------------
+    # ---- 5. data (each source tokenized once into the token cache, read memory-mapped) -----
     need = g.total_steps * g.global_batch
     n_heldout = g.heldout if g.eval_every else 0
     with accelerator.main_process_first():
-        data_src, eval_src, field = g.data, g.eval_data, g.text_field
+        sources, eval_src, field = g.sources, g.eval_data, g.text_field
         if g.chat:  # chat records rendered with the template, then packed like any text
-            data_src = chat_text_source(g.data, g.tok, run_dir / "cache")
-            eval_src = chat_text_source(g.eval_data, g.tok, run_dir / "cache") if g.eval_data else None
+            sources = [(chat_text_source(s, g.tok, g.token_cache), w) for s, w in g.sources]
+            eval_src = chat_text_source(g.eval_data, g.tok, g.token_cache) if g.eval_data else None
             field = "text"
-        windows = cached_windows(data_src, g.tok, g.seq_len, need + (0 if g.eval_data else n_heldout),
-                                 run_dir / "cache", field)
-        if g.eval_data and n_heldout:
-            held = cached_windows(eval_src, g.tok, g.seq_len, n_heldout, run_dir / "cache", field)
-        elif n_heldout:
-            n_heldout = min(n_heldout, len(windows) // 5)
-            held = windows[len(windows) - n_heldout:] if n_heldout else windows[:0]
-            windows = windows[: len(windows) - n_heldout]
-        else:
-            held = windows[:0]
+        say = (lambda m: print(m, file=sys.stderr, flush=True)) if main else None
+        data, held = build_training_data(sources, g.tok, g.seq_len, need, n_heldout, g.seed,
+                                         eval_source=eval_src if g.eval_data else None, text_field=field,
+                                         cache=g.token_cache, progress=g.progress and main, say=say)
     world, rank = accelerator.num_processes, accelerator.process_index
     n_heldout = (len(held) // world) * world  # every process evaluates the same number of windows
     held = held[:n_heldout]
-    if len(windows) == 0:
-        raise SlimlmError(f"data source {g.data} gives no training windows of {g.seq_len} tokens")
-    order = WindowOrder(len(windows), g.seed)
-    if main and len(windows) < need:
-        print(f"note: {len(windows)} training windows for {need} needed; the data repeats "
-              f"({need / len(windows):.1f} epochs)", file=sys.stderr, flush=True)
 
     # ---- 6. models ---------------------------------------------------------------------
     torch.manual_seed(g.seed)
@@ -389,9 +390,13 @@ def _run(accelerator, **kw) -> DistillResult:
         teacher_head = lm_head(accelerator.unwrap_model(teacher_fwd).hf_model)
 
     start_step, elapsed_before, last_eval = 0, 0.0, {}
+    data_start = 0
     if g.ckpt is not None:
         state = load_checkpoint(accelerator, g.ckpt)
         start_step, elapsed_before, last_eval = state["step"], state.get("elapsed_s", 0.0), state.get("eval", {})
+        # The data position is part of the checkpoint: the stream position of the next window
+        # (step x global batch; the window at a position is a pure function of it, no sampler state).
+        data_start = state.get("data_position", start_step * g.global_batch)
         if main:
             print(f"resuming from {g.ckpt.name} (step {start_step} of {g.total_steps})", file=sys.stderr, flush=True)
     monitor = Monitor(out / "metrics.jsonl", run_dir / "tensorboard" if g.tensorboard else None, enabled=main,
@@ -408,7 +413,9 @@ def _run(accelerator, **kw) -> DistillResult:
     def checkpoint(step: int, elapsed: float) -> str:
         path = save_checkpoint(accelerator, run_dir, step, {"step": step, "tokens": step * tokens_per_step,
                                                             "elapsed_s": elapsed, "eval": last_eval,
-                                                            "total_steps": g.total_steps}, keep=g.keep_checkpoints)
+                                                            "total_steps": g.total_steps,
+                                                            "data_position": step * g.global_batch},
+                               keep=g.keep_checkpoints)
         return str(path)
 
     # ---- 7. the loop -------------------------------------------------------------------
@@ -424,11 +431,13 @@ def _run(accelerator, **kw) -> DistillResult:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr_now = scheduler.get_last_lr()[0]
-            idx = order.indices(step * g.global_batch, g.global_batch)[rank * per_proc:(rank + 1) * per_proc]
+            # This process reads its own slice of the global batch: positions
+            # [step * global_batch + rank * per_proc, ... + per_proc), micro-batch by micro-batch.
+            first = data_start + (step - start_step) * g.global_batch + rank * per_proc
             sums = torch.zeros(5, device=accelerator.device)
             grad_norm = None
             for m in range(g.accum):
-                ids = gather(windows, idx[m * g.micro_batch:(m + 1) * g.micro_batch]).to(accelerator.device)
+                ids = data.windows(first + m * g.micro_batch, g.micro_batch).to(accelerator.device)
                 with accelerator.accumulate(objective):
                     t_hidden, t_taps = teacher_fwd(ids) if (teacher_fwd is not None and g.mode == "kd") else (None, None)
                     res = objective(ids, t_hidden, t_taps, teacher_head)

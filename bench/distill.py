@@ -1,22 +1,42 @@
-"""Benchmark the distillation engine against a plain PyTorch loop, and the chunked loss's memory.
+"""Benchmark the distillation engine against a plain PyTorch loop and TRL, and the chunked loss's memory.
 
-Two measurements:
+Two measurements, printed as tables and as one final JSON line:
 
-1. ``speed``: tokens/s of `slimlm.distill.distill` vs a naive loop (full teacher and student
-   logits, full-vocabulary forward KL, AdamW) at the same models, micro-batch and sequence length.
+1. ``speed``: optimizer-step throughput (tokens/s, median over the steps after the first) of
+   (a) `slimlm.distill.distill`, (b) a naive loop (full teacher and student logits,
+   full-vocabulary forward KL, AdamW), and (c) TRL's `trl.experimental.gkd.GKDTrainer` set up as
+   pure forward KL on corpus text (lmbda=0, beta=0, seq_kd=False, temperature 1; fp32, no bf16,
+   no gradient checkpointing: its defaults turn both on, even on CPU), one after the other in the
+   same process, at the same teacher, student, micro-batch, sequence length, learning rate
+   (constant), betas (0.9, 0.95), clipping (1.0) and thread count.  (b) and (c) train on the
+   same packed windows of --data; (a) packs its own windows of the same source and length
+   (content does not change the cost of a fixed-length step).  Also printed: the ratios
+   slimlm/naive and slimlm/TRL, and each one's share of the machine's roofline: the best fp32
+   GFLOP/s of a 2048 x 2048 matmul loop at the same thread count, against the useful FLOPs of a
+   step (PaLM convention, per token: teacher forward 2*N_t + 4*L_t*T*A_t, student forward and
+   backward 6*N_s + 12*L_s*T*A_s, where N counts every Linear weight, LM head included, T is
+   the sequence length and A the attention width heads*head_dim; recomputation not counted).
 2. ``memory``: peak extra memory of one forward + backward of the KD loss at `--vocab` x `--tokens`
-   (default 49152 x 2048, SmolLM2's vocabulary), chunked vs naive.  Each variant runs in a fresh
-   subprocess; on CPU the peak is the growth of the max resident set size (run with
-   MALLOC_TRIM_THRESHOLD_=0, see docs/PITFALLS.md), on GPU `torch.cuda.max_memory_allocated`.
+   (default 49152 x 2048, SmolLM2's vocabulary), chunked vs naive, and their ratio (target
+   <= 0.35).  Each variant runs in a fresh subprocess; on CPU the peak is the growth of the max
+   resident set size (run with MALLOC_TRIM_THRESHOLD_=0, see docs/PITFALLS.md), on GPU
+   `torch.cuda.max_memory_allocated`.
 
 Without --teacher/--student, random Llama models are built (vocab --vocab) with a tiny
-character tokenizer, so the script needs no download.  A smoke run (under a minute on 2 cores):
+character tokenizer, so the script needs no download.  A smoke run (about a minute on 2 cores):
 
     python bench/distill.py --what both --steps 3 --seq-len 64 --hidden 64 --vocab 8192 --tokens 512
 
-The real comparison (long on a CPU; do not run on a shared machine):
+The real comparison, on the real teacher and a student pruned to about half of it (67.5M
+parameters).  Make the student once (about a minute):
 
-    python bench/distill.py --teacher smollm2-135m --student pruned/ --seq-len 128 --micro-batch 4 --steps 20
+    slimlm prune smollm2-135m -o bench/out/smol-half --hidden 384 --ffn 1024 --heads 6 --calib-samples 32
+
+(if --student names a folder that does not exist and --teacher is smollm2-135m, the script makes
+it exactly so itself).  Then, on quiet cores (about 5 minutes on 2 quiet cores: 3 x 10 steps of
+512 tokens at ~90 tokens/s, plus loading, the matmul probe and the two memory subprocesses):
+
+    python bench/distill.py --teacher smollm2-135m --student bench/out/smol-half --seq-len 128 --micro-batch 4 --steps 10
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,11 +91,16 @@ def random_models(folder: Path, hidden: int, vocab: int, seq_len: int):
 
 
 # ---- speed --------------------------------------------------------------------------------
+def _median_after_first(values):
+    """The first step pays one-time costs (allocations, kernel selection): leave it out."""
+    return statistics.median(values[1:] or values)
+
+
 def naive_loop(teacher_spec, student_spec, windows, micro_batch, steps, lr):
     """The baseline: what one writes by hand with full logits."""
     from slimlm.models import load_model
 
-    teacher, student = load_model(teacher_spec), load_model(student_spec)
+    teacher, student = load_model(teacher_spec, "float32"), load_model(student_spec, "float32")
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95))
     rates = []
@@ -95,22 +121,147 @@ def naive_loop(teacher_spec, student_spec, windows, micro_batch, steps, lr):
     return rates
 
 
+def trl_loop(teacher_spec, student_spec, windows, tokenizer, micro_batch, steps, lr):
+    """TRL's GKDTrainer as pure forward KL on the corpus windows; tokens/s of each optimizer step.
+
+    lmbda=0 (never the student's own generations), seq_kd=False (never the teacher's), beta=0
+    (the generalized JSD is then the forward KL(teacher || student)), temperature 1.  Its
+    defaults (inherited from SFTConfig) turn on bf16 and gradient checkpointing even on CPU:
+    both are turned off, so it runs in fp32 like the other two.  A step is timed from the
+    trainer's on_step_begin to on_step_end: forward, backward, clipping and the optimizer step,
+    not the data loading or logging around them (generous to TRL).
+    """
+    import warnings
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from slimlm.models import load_model
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.seconds = None, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    def collate(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    teacher, student = load_model(teacher_spec, "float32"), load_model(student_spec, "float32")
+    config = GKDConfig(
+        output_dir=tempfile.mkdtemp(prefix="slimlm-bench-trl-"),
+        lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        max_length=windows.shape[1], report_to=[], save_strategy="no", logging_strategy="no",
+        eval_strategy="no", disable_tqdm=True, dataloader_pin_memory=False, seed=0,
+    )
+    timer = StepTimer()
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, data_collator=collate,
+                         train_dataset=Dataset.from_dict({"input_ids": windows.tolist()}), processing_class=tokenizer,
+                         callbacks=[timer])
+    # What the trainer will really run (its config could silently override ours).
+    assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing and trainer.lmbda == 0 and trainer.beta == 0
+    assert next(trainer.model.parameters()).dtype == torch.float32
+    trainer.train()
+    tokens = micro_batch * windows.shape[1]
+    return [tokens / s for s in timer.seconds]
+
+
+def matmul_peak(n: int = 2048, seconds: float = 3.0) -> dict:
+    """fp32 GFLOP/s of an n x n matmul at the current thread count (best and median of a ~3 s loop)."""
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(rates) < 5:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        rates.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return {"n": n, "threads": torch.get_num_threads(), "best_gflops": round(max(rates), 1),
+            "median_gflops": round(statistics.median(rates), 1), "runs": len(rates)}
+
+
+def model_flops(spec, seq_len: int) -> dict:
+    """Matmul weights N (every Linear, LM head included even when tied) and attention shape of a model."""
+    from slimlm.models import load_model
+
+    model = load_model(spec, "float32")
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    c = model.config
+    attn = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    del model
+    return {"matmul_params": n, "layers": c.num_hidden_layers, "attn_width": attn,
+            "fwd_flops_per_token": 2 * n + 4 * c.num_hidden_layers * seq_len * attn}
+
+
 def speed(args, teacher, student, tokenizer):
+    import gc
+
     from slimlm.data import pack_windows
     from slimlm.distill import distill
 
     n = args.steps * args.micro_batch
     windows = pack_windows(args.data, tokenizer, args.seq_len, n, seed=0).input_ids
+    lr = 1e-4
+    peak = matmul_peak()
+    t_f, s_f = model_flops(teacher, args.seq_len), model_flops(student, args.seq_len)
+    flops_per_token = t_f["fwd_flops_per_token"] + 3 * s_f["fwd_flops_per_token"]
+
     out = Path(tempfile.mkdtemp(prefix="slimlm-bench-")) / "out"
     distill(teacher, student, args.data, out, tokens=n * args.seq_len, seq_len=args.seq_len,
-            micro_batch=args.micro_batch, lr=1e-4, warmup=0, eval_every=0, save_every=0, progress=False,
-            tensorboard=False, tokenizer=tokenizer)
+            micro_batch=args.micro_batch, lr=lr, min_lr=lr, warmup=0, eval_every=0, save_every=0, progress=False,
+            tensorboard=False, tokenizer=tokenizer, dtype="fp32")
     ours = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["event"] == "train"]
-    naive = naive_loop(teacher, student, windows, args.micro_batch, args.steps, 1e-4)
-    # The first step pays one-time costs (allocations, kernel selection): leave it out.
-    return {"slimlm_tokens_per_s": statistics.median(ours[1:] or ours),
-            "naive_tokens_per_s": statistics.median(naive[1:] or naive)}
+    shutil.rmtree(out.parent, ignore_errors=True)  # the exported student (270 MB for the real one)
+    gc.collect()
+    rates = {"slimlm": ours, "naive": naive_loop(teacher, student, windows, args.micro_batch, args.steps, lr)}
+    gc.collect()
+    if args.no_trl:
+        rates["trl"] = None
+    else:
+        rates["trl"] = trl_loop(teacher, student, windows, tokenizer, args.micro_batch, args.steps, lr)
+    res = {"steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+           "teacher": str(teacher), "student": str(student), "matmul": peak,
+           "teacher_matmul_params": t_f["matmul_params"], "student_matmul_params": s_f["matmul_params"],
+           "flops_per_token": flops_per_token}
+    for name, r in rates.items():
+        if r is None:
+            continue
+        tps = _median_after_first(r)
+        res[f"{name}_tokens_per_s"] = round(tps, 2)
+        res[f"{name}_step_rates"] = [round(x, 2) for x in r]
+        res[f"{name}_roofline_fraction"] = round(tps * flops_per_token / (peak["best_gflops"] * 1e9), 3)
+    res["slimlm_over_naive"] = round(res["slimlm_tokens_per_s"] / res["naive_tokens_per_s"], 3)
+    if "trl_tokens_per_s" in res:
+        res["slimlm_over_trl"] = round(res["slimlm_tokens_per_s"] / res["trl_tokens_per_s"], 3)
+    return res
+
+
+def print_speed(r: dict) -> None:
+    m = r["matmul"]
+    print(f"\n## speed: {r['teacher']} -> {r['student']}, micro-batch {r['micro_batch']} x {r['seq_len']} tokens, "
+          f"{r['steps']} steps (median of steps 2..{r['steps']})")
+    print(f"matmul roofline: {m['best_gflops']} GFLOP/s best, {m['median_gflops']} median "
+          f"({m['n']}x{m['n']} fp32, {m['threads']} threads); useful work {r['flops_per_token'] / 1e9:.3f} GFLOP/token "
+          f"(teacher N={r['teacher_matmul_params'] / 1e6:.1f}M, student N={r['student_matmul_params'] / 1e6:.1f}M)")
+    print("| engine | tokens/s | slimlm / engine | share of roofline |\n|---|---|---|---|")
+    for name, label in (("slimlm", "slimlm distill"), ("naive", "naive PyTorch loop"), ("trl", "TRL GKDTrainer (fwd KL)")):
+        if f"{name}_tokens_per_s" in r:
+            tps = r[f"{name}_tokens_per_s"]
+            print(f"| {label} | {tps:.1f} | {r['slimlm_tokens_per_s'] / tps:.2f}x | {100 * r[f'{name}_roofline_fraction']:.0f} % |")
 
 
 # ---- memory -------------------------------------------------------------------------------
@@ -172,39 +323,79 @@ def memory(args):
         code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import distill as b; "
                 f"print(json.dumps(b._memory_child({variant!r}, {args.vocab}, {args.tokens}, {args.hidden}, "
                 f"{args.chunk})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"memory test '{variant}' failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {r["variant"]: r for r in results}
+    ratio = by["chunked"]["peak_extra_mb"] / max(by["naive"]["peak_extra_mb"], 1e-9)
     return {"vocab": args.vocab, "tokens": args.tokens, "hidden": args.hidden, "chunk": args.chunk,
-            "results": results, "logits_tensor_mb": round(args.vocab * args.tokens * 4 / 2**20, 1)}
+            "results": results, "logits_tensor_mb": round(args.vocab * args.tokens * 4 / 2**20, 1),
+            "chunked_over_naive": round(ratio, 3), "target": 0.35, "meets_target": ratio <= 0.35}
+
+
+def print_memory(r: dict) -> None:
+    print(f"\n## memory: one KD forward + backward at vocab {r['vocab']} x {r['tokens']} tokens, hidden {r['hidden']} "
+          f"(one fp32 logits tensor: {r['logits_tensor_mb']} MB)")
+    print("| loss | peak extra MB | seconds |\n|---|---|---|")
+    for x in r["results"]:
+        label = f"chunked ({r['chunk']} tokens, head recomputed)" if x["variant"] == "chunked" else "naive (full logits)"
+        print(f"| {label} | {x['peak_extra_mb']} | {x['seconds']} |")
+    print(f"chunked / naive peak: {r['chunked_over_naive']:.2f}x (target <= {r['target']}x: "
+          f"{'met' if r['meets_target'] else 'NOT met'})")
+
+
+def make_student(teacher: str, folder: Path) -> None:
+    """The documented student: SmolLM2-135M width-pruned to about half (same as `slimlm prune ... --calib-samples 32`)."""
+    from slimlm.api import prune
+
+    print(f"making the student {folder} (slimlm prune {teacher} -o {folder} --hidden 384 --ffn 1024 --heads 6 "
+          "--calib-samples 32) ...", file=sys.stderr, flush=True)
+    prune(teacher, folder, hidden=384, ffn=1024, heads=6, calib_samples=32, progress=False)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--what", choices=["speed", "memory", "both"], default="both")
-    p.add_argument("--teacher"), p.add_argument("--student")
+    p.add_argument("--teacher", help="teacher (name/folder/alias); with --student, else random models are built")
+    p.add_argument("--student", help="student folder; made by pruning when missing and --teacher is smollm2-135m")
     p.add_argument("--data", default="builtin:python-docs")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per engine (the first is not counted)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL GKDTrainer run")
     p.add_argument("--hidden", type=int, default=576, help="random models / memory test: hidden size")
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--tokens", type=int, default=2048, help="memory test: tokens in the loss")
-    p.add_argument("--chunk", type=int, default=1024, help="memory test: chunk size")
+    p.add_argument("--chunk", type=int, default=512, help="memory test: chunk size")
     args = p.parse_args(argv)
-    report = {"torch_threads": torch.get_num_threads()}
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the first step is not counted)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if bool(args.teacher) != bool(args.student):
+        p.error("give both --teacher and --student, or neither (random models)")
+    report = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    t0 = time.perf_counter()
     if args.what in ("speed", "both"):
         if args.teacher and args.student:
             from slimlm.models import load_tokenizer
 
+            if not Path(args.student).expanduser().exists() and args.teacher == "smollm2-135m":
+                make_student(args.teacher, Path(args.student).expanduser())
             teacher, student, tok = args.teacher, args.student, load_tokenizer(args.student)
         else:
             teacher, student = random_models(Path(tempfile.mkdtemp(prefix="slimlm-bench-models-")), args.hidden,
                                              args.vocab, args.seq_len)
             tok = char_tokenizer()
         report["speed"] = speed(args, teacher, student, tok)
+        print_speed(report["speed"])
     if args.what in ("memory", "both"):
         report["memory"] = memory(args)
-    print(json.dumps(report, indent=2))
+        print_memory(report["memory"])
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def kd_loss(
     loss: str = "kl",
     temperature: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     recompute: bool = True,

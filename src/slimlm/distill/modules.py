@@ -146,7 +146,7 @@ class StudentObjective(_Delegating):
         layer_map: list[tuple[int, int]] | None = None,
         hidden_weight: float = 1.0,
         teacher_hidden_size: int | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 512,
     ):
         super().__init__()
         self.hf_model = student

@@ -145,7 +145,7 @@ def distill(
     text_field: str = "text",
     tokenizer=None,
     chat: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     gradient_checkpointing: bool = False,
     stop_after: int | None = None,
     progress: bool = True,

@@ -382,6 +382,7 @@ def _run(**kw) -> AlignResult:
     from accelerate import PartialState
 
     from ..distill.monitor import Monitor
+    from ..distill.checkpoint import prepare_run_dir
     from ..models import load_model
 
     g = type("G", (), kw)
@@ -391,13 +392,7 @@ def _run(**kw) -> AlignResult:
     sft_dir, dpo_dir = run_dir / "sft", run_dir / "dpo"
     state.wait_for_everyone()  # every process checked the output before the main one writes into it
     if main:
-        if not g.resume and g.overwrite:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for name in ("metrics.jsonl", "slimlm.json"):
-                (out / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not g.resume:
-            atomic_write_json(run_dir / "config.json", g.settings)
+        prepare_run_dir(out, run_dir, resume=g.resume, overwrite=g.overwrite, settings=g.settings)
     state.wait_for_everyone()
 
     sft_done = json.loads((sft_dir / "done.json").read_text()) if g.resume and (sft_dir / "done.json").exists() else None

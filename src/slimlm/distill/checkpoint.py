@@ -72,3 +72,18 @@ def _quiet(name: str):
         yield
     finally:
         log.setLevel(level)
+
+
+def prepare_run_dir(out: Path, run_dir: Path, *, resume: bool, overwrite: bool, settings: dict) -> None:
+    """Main process only: clear a replaced run's state, create the run folder, record its settings."""
+    from .._io import atomic_write_json
+
+    if not resume and overwrite:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        # The old model files stay until the atomic export replaces the folder, but no longer
+        # claim to be a finished run.
+        for name in ("metrics.jsonl", "slimlm.json"):
+            (Path(out) / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_json(run_dir / "config.json", settings)

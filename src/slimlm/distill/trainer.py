@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,12 +21,12 @@ from typing import Callable
 
 import torch
 
-from .._io import atomic_write_json, check_writable_output
+from .._io import check_writable_output
 from ..data import DEFAULT_CORPUS, check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
 from .accel import cpu_only, prepare_teacher, reset_accelerate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
@@ -330,15 +329,7 @@ def _run(accelerator, **kw) -> DistillResult:
         if g.eval_data:
             check_source(g.eval_data, g.text_field)
     if main:
-        if not g.resume and g.overwrite:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            # The old model files stay until the atomic export replaces the folder, but no longer
-            # claim to be a finished run.
-            for name in ("metrics.jsonl", "slimlm.json"):
-                (out / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not g.resume:
-            atomic_write_json(run_dir / "config.json", g.settings)
+        prepare_run_dir(out, run_dir, resume=g.resume, overwrite=g.overwrite, settings=g.settings)
     accelerator.wait_for_everyone()
 
     # ---- 5. data (each source tokenized once into the token cache, read memory-mapped) -----

@@ -126,8 +126,9 @@ class Study:
                 main, hw = w.split(8)
                 calib, held = main.input_ids, hw.input_ids
             k = self.shape.layers - self.depth_layers()
+            depth = key == ("activation", "mean,l2")  # only the main scores feed depth pruning
             self._scores[key] = estimate_importance(model, calib, importance=kind, aggregation=aggregation, heldout=held,
-                                                    depth_loss=True, block_sizes=(k,), batch_size=8, seed=0)
+                                                    depth_loss=depth, block_sizes=(k,) if depth else (), batch_size=8, seed=0)
         return self._scores[key]
 
     def depth_layers(self) -> int:

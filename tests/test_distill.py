@@ -318,7 +318,10 @@ def test_cli_distill_and_correct_teacher(models, tmp_path, capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["complete"] and result["steps"] == 2 and result["mode"] == "kd"
     assert json.loads((tmp_path / "d" / "slimlm.json").read_text())["loss"]["kind"] == "jsd"
-    assert list((tmp_path / "d" / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard logs only when it is installed
+        assert list((tmp_path / "d" / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
     code, out, err = _cli(["correct-teacher", models["teacher"], "-o", str(tmp_path / "c"), "--tokens", "0.128k",
                            *common], capsys)

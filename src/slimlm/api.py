@@ -64,6 +64,35 @@ def calibration_windows(tokenizer, data, seq_len, calib_samples, heldout, seed, 
     return main.input_ids, (held.input_ids if held is not None else None)
 
 
+def add_block_losses(scores: Scores, net, tokenizer, ks, *, data=None, seq_len=DEFAULT_SEQ_LEN,
+                     calib_samples=DEFAULT_CALIB_SAMPLES, heldout=DEFAULT_HELDOUT, seed=0, text_field="text",
+                     batch_size=8, progress=True) -> list[int]:
+    """Score every K-layer block for each K in `ks` that `scores` does not hold yet.
+
+    Uses the held-out windows of the pass that made the scores (from their metadata, the
+    arguments being the fallback), so block losses of different K compare.  Returns the
+    K values computed.
+    """
+    from .importance import block_removal_losses
+
+    need = sorted(set(ks) - {0} - set(scores.block_losses))
+    if not need:
+        return []
+    m = scores.meta
+    _, held = calibration_windows(
+        tokenizer,
+        m.get("data", data),
+        m.get("seq_len") or seq_len,
+        m.get("calib_samples") or calib_samples,
+        m.get("heldout") or heldout,
+        m.get("seed", seed),
+        m.get("text_field", text_field),
+    )
+    for k in need:
+        scores.block_losses[k] = block_removal_losses(net, held, k, batch_size, progress)
+    return need
+
+
 def _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout):
     if importance_kind not in IMPORTANCE_KINDS:
         raise SlimlmError(f"unknown importance '{importance_kind}' (choose from {', '.join(IMPORTANCE_KINDS)})")
@@ -240,20 +269,9 @@ def prune(
         )
     elif block_missing:
         net = load_model(model, dtype=dtype, device_map=device_map or _default_device_map())
-        from .importance import block_removal_losses
-
-        # The held-out windows of the pass that made the scores, so block losses compare.
-        m = loaded_scores.meta
-        _, held = calibration_windows(
-            load_tokenizer(model),
-            m.get("data", data),
-            m.get("seq_len", seq_len),
-            m.get("calib_samples", calib_samples) or calib_samples,
-            m.get("heldout", heldout) or heldout,
-            m.get("seed", seed),
-            m.get("text_field", text_field),
-        )
-        loaded_scores.block_losses[k_drop] = block_removal_losses(net, held, k_drop, batch_size, progress)
+        add_block_losses(loaded_scores, net, load_tokenizer(model), [k_drop], data=data, seq_len=seq_len,
+                         calib_samples=calib_samples, heldout=heldout, seed=seed, text_field=text_field,
+                         batch_size=batch_size, progress=progress)
     if save_scores is not None:
         loaded_scores.save(save_scores)
 

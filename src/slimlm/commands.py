@@ -155,7 +155,7 @@ def search(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
 ):
     """Find the best uniform shape for a parameter budget: prune candidates, distill each briefly, rank by validation KL."""
-    from .importance import Scores, block_removal_losses
+    from .importance import Scores
     from .models import load_model, load_tokenizer
     from .search import enumerate_candidates, keep_winner, run_search
     from .adapters import get_adapter
@@ -178,13 +178,9 @@ def search(
     else:
         sc = api.importance(model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples,
                             seq_len=seq_len, depth_loss=False, seed=seed, loaded=teacher, overwrite=True)
-    need = sorted({adapter.shape().layers - c.shape.layers for c in cands} - {0} - set(sc.block_losses))
-    if need:
-        m = sc.meta
-        _, held = api.calibration_windows(tok, m.get("data", data), m.get("seq_len", seq_len), m.get("calib_samples", calib_samples),
-                                          m.get("heldout") or api.DEFAULT_HELDOUT, m.get("seed", seed), m.get("text_field", text_field))
-        for k in need:
-            sc.block_losses[k] = block_removal_losses(teacher, held, k)
+    depths = [adapter.shape().layers - c.shape.layers for c in cands]
+    if api.add_block_losses(sc, teacher, tok, depths, data=data, seq_len=seq_len, calib_samples=calib_samples,
+                            seed=seed, text_field=text_field):
         sc.save(scores_path)
     console.print(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
     results = run_search(teacher, tok, sc, cands, output, data=data, search_tokens=search_tokens,

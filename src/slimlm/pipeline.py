@@ -294,15 +294,8 @@ def _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, prune
                                  hidden_step=s["hidden_step"], ffn_step=s["ffn_step"], max_candidates=s["max_candidates"],
                                  prune_heads=s["prune_heads"])
     scores = Scores.load(scores_path)
-    need = sorted({adapter.shape().layers - c.shape.layers for c in cands} - {0} - set(scores.block_losses))
-    if need:
-        from .importance import block_removal_losses
-
-        m = scores.meta
-        _, held = api.calibration_windows(tokenizer, m.get("data"), m.get("seq_len"), m.get("calib_samples"),
-                                          m.get("heldout") or 8, m.get("seed", 0), m.get("text_field", "text"))
-        for k in need:
-            scores.block_losses[k] = block_removal_losses(model, held, k, progress=progress)
+    depths = [adapter.shape().layers - c.shape.layers for c in cands]
+    if api.add_block_losses(scores, model, tokenizer, depths, progress=progress):
         scores.save(scores_path)
     log(f"stage search: {len(cands)} candidates, {s['search_tokens']:,} distillation tokens each")
     kwargs = dict(seq_len=d["seq_len"], micro_batch=d["micro_batch"], global_batch=d["global_batch"], lr=d["lr"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -35,20 +37,48 @@ def _loss_inputs(dtype=torch.float32, seed=0):
     )
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
 @pytest.mark.parametrize("kind", ["kl", "reverse-kl", "jsd", "none"])
-@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
-def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight):
+@pytest.mark.parametrize("temperature,ce_weight,softcap", [(1.0, 0.0, None), (2.0, 0.5, None), (2.0, 0.5, 3.0)])
+def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softcap, fused):
     x = _loss_inputs()
     out = kd_loss(x["hs"], x["w"], x["ht"], x["wt"], student_bias=x["b"], labels=x["labels"], mask=x["mask"],
-                  loss=kind, temperature=temperature, ce_weight=ce_weight, chunk_size=8)
-    grads = torch.autograd.grad(out.loss, [x["hs"], x["w"], x["b"]])
-    ref = naive_kd_loss(x["hs"] @ x["w"].T + x["b"], x["ht"] @ x["wt"].T, labels=x["labels"], mask=x["mask"],
+                  loss=kind, temperature=temperature, ce_weight=ce_weight, chunk_size=8, student_softcap=softcap,
+                  fused=fused)
+    # a non-unit upstream gradient (as under loss scaling / accumulation) must scale every gradient
+    grads = torch.autograd.grad(out.loss * 3.0, [x["hs"], x["w"], x["b"]])
+    s_logits = x["hs"] @ x["w"].T + x["b"]
+    if softcap:
+        s_logits = torch.tanh(s_logits / softcap) * softcap
+    ref = naive_kd_loss(s_logits, x["ht"] @ x["wt"].T, labels=x["labels"], mask=x["mask"],
                         loss=kind, temperature=temperature, ce_weight=ce_weight)
-    ref_grads = torch.autograd.grad(ref, [x["hs"], x["w"], x["b"]])
+    ref_grads = torch.autograd.grad(ref * 3.0, [x["hs"], x["w"], x["b"]])
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-7)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert out.n_tokens == int(x["mask"].sum())
+    ref_kl = naive_kd_loss(s_logits.detach(), x["ht"] @ x["wt"].T, mask=x["mask"], loss="kl", temperature=temperature)
+    torch.testing.assert_close(out.kl, ref_kl / temperature**2, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_through_a_tied_linear_module():
+    """A head tied to the embeddings (SmolLM2) gets the sum of both gradients, as with plain autograd."""
+    x = _loss_inputs(torch.float64)
+    emb = torch.nn.Embedding(50, 16, dtype=torch.float64)
+    head = torch.nn.Linear(16, 50, bias=False, dtype=torch.float64)
+    head.weight = emb.weight
+    ids = torch.randint(0, 50, (45,), generator=torch.Generator().manual_seed(1))
+
+    def run(fused):
+        emb.zero_grad()
+        hs = emb(ids) * 2 + x["hs"].detach()
+        out = kd_loss(hs, head, x["ht"], x["wt"], chunk_size=16, fused=fused)
+        out.loss.backward()
+        return out.loss.detach(), emb.weight.grad.clone()
+
+    (l1, g1), (l2, g2) = run(True), run(False)
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
 
 
 def test_chunked_loss_by_hand_and_with_teacher_logits_and_modules():
@@ -73,19 +103,26 @@ def test_chunked_loss_keeps_no_logits_for_backward():
     ht, wt = torch.randn(n, h), torch.randn(v, h)
 
     def saved_bytes(recompute):
-        total = [0]
+        """Bytes of the tensors the returned loss's graph still holds for backward."""
+        saved = []
 
         def pack(t):
-            total[0] += t.numel() * t.element_size()
+            saved.append(weakref.ref(t))
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kd_loss(hs, w, ht, wt, chunk_size=32, recompute=recompute)
-        return total[0]
+            out = kd_loss(hs, w, ht, wt, chunk_size=32, recompute=recompute, fused=fused)
+        gc.collect()
+        alive = {id(t): t for t in (r() for r in saved) if t is not None}
+        del out
+        return sum(t.numel() * t.element_size() for t in alive.values())
 
     one_logit_tensor = n * v * 4
+    fused = False
     assert saved_bytes(True) < one_logit_tensor / 10  # only the hidden-state chunks
     assert saved_bytes(False) > one_logit_tensor
+    fused = True  # only gradients the size of the hidden states and of the head weight
+    assert saved_bytes(True) == (n * h + v * h) * 4
 
 
 def test_bad_loss_name():

@@ -23,6 +23,13 @@ def cpu_only() -> bool:
 
 
 
+def shards_parameters(accelerator) -> bool:
+    """True under FSDP or DeepSpeed: weights are gathered by module calls, so the fused loss is off."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def prepare_teacher(accelerator, teacher):
     """Place (and under FSDP2 / ZeRO-3, shard) the frozen teacher without giving it an optimizer."""
     from accelerate.utils import DistributedType

@@ -44,28 +44,48 @@ def check_loss_name(name: str) -> str:
     return key
 
 
-def as_head(head: Head, bias: torch.Tensor | None = None, softcap: float | None = None) -> Callable:
-    """A callable hidden -> logits from a weight tensor, a (weight, bias) pair or a module.
+class LinearHead:
+    """hidden -> logits: ``h @ weight.T + bias``, through a module or from tensors, with optional soft-capping.
 
-    Passing the LM head *module* (not its weight) matters under FSDP2 / ZeRO-3: calling the
-    module is what gathers its sharded weight.  `softcap` applies Gemma-style
-    ``cap * tanh(logits / cap)``.
+    Calling a *module* (not its weight) matters under FSDP2 / ZeRO-3: the module call is what
+    gathers its sharded weight.  `softcap` applies Gemma-style ``cap * tanh(logits / cap)``.
+    `linear()` gives the plain (weight, bias) tensors when the fused loss may use them directly.
     """
+
+    def __init__(self, fn: Callable, weight=None, bias=None, softcap: float | None = None):
+        self.fn, self.weight, self.bias, self.softcap = fn, weight, bias, softcap
+
+    def raw(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.cap(self.fn(h))
+
+    def linear(self):
+        """(weight, bias) as plain local tensors, or None (an arbitrary callable, or a sharded weight)."""
+        w = self.weight
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0 or hasattr(w, "ds_id"):
+            return None  # ZeRO-3 partitions carry ds_id and are empty outside the module call
+        if type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+            return None  # FSDP2 shard
+        return w, self.bias
+
+
+def as_head(head: Head, bias: torch.Tensor | None = None, softcap: float | None = None) -> LinearHead:
+    """A `LinearHead` from a weight tensor, a (weight, bias) pair, a module or a callable."""
+    if isinstance(head, LinearHead):
+        return head
     if isinstance(head, tuple):
         head, bias = head
     if isinstance(head, torch.Tensor):
         weight = head
-
-        def fn(h):
-            return F.linear(h, weight, bias)
-    else:
-        fn = head
-    if softcap:
-        inner = fn
-
-        def fn(h):
-            return torch.tanh(inner(h) / softcap) * softcap
-    return fn
+        return LinearHead(lambda h: F.linear(h, weight, bias), weight, bias, softcap)
+    if isinstance(head, torch.nn.Linear):
+        return LinearHead(head, head.weight, head.bias, softcap)
+    return LinearHead(head, softcap=softcap)
 
 
 @dataclass
@@ -108,6 +128,92 @@ def _chunk_terms(kind: str, temperature: float, s_logits: torch.Tensor, t_logits
     return kd, ce, kl
 
 
+def _forward_kl_grad(s_logits, t_logits, labels, temperature, scale_kd, scale_ce):
+    """Forward KL (+ optional cross-entropy) of one chunk and its gradient w.r.t. the student logits, by hand.
+
+    d/ds [scale_kd * KL(p || q)] = scale_kd * (q - p) / T; d/ds [scale_ce * CE] = scale_ce * (softmax(s) - onehot).
+    Written with in-place ops so that only about four chunk x vocab tensors live at once.
+    Returns (grad, kd sum, ce sum, forward-KL sum).
+    """
+    s = _upcast(s_logits)
+    log_p = F.log_softmax(_upcast(t_logits) / temperature, dim=-1)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    p = log_p.exp()
+    kl = log_p.sub_(log_q).mul_(p).sum()
+    del log_p
+    grad = log_q.exp_().sub_(p).mul_(scale_kd / temperature)
+    del p
+    ce = s.new_zeros(())
+    if labels is not None:
+        valid = labels != IGNORE_INDEX
+        idx = labels.clamp(min=0).unsqueeze(1)
+        lse = torch.logsumexp(s, dim=-1)
+        ce = ((lse - s.gather(1, idx).squeeze(1)) * valid).sum()
+        if scale_ce:
+            soft = (s - lse.unsqueeze(1)).exp_()
+            soft.scatter_add_(1, idx, -torch.ones_like(idx, dtype=soft.dtype))
+            grad.add_(soft.mul_(valid.unsqueeze(1).to(soft.dtype)), alpha=scale_ce)
+    return grad, kl, ce, kl.detach()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Student LM head + loss in token chunks, with the gradient taken during the forward.
+
+    Each chunk's logits are built once: the loss's gradient with respect to them is computed
+    right away (by hand for forward KL, the default; by autograd on the chunk's softmax terms
+    otherwise) and turned into the gradients of the hidden states, head weight and bias with
+    two matmuls; then the chunk's logits are freed.  Backward only scales the stored
+    gradients by the incoming one.  Compared with checkpointing the chunk, this skips the
+    backward recomputation of both LM heads (the trick of fused linear cross-entropy
+    kernels), at the cost of one weight-sized gradient buffer.  Only for plain local weights
+    (single process, DDP).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, cfg, t_hidden, t_logits, labels):
+        kind, temperature, t_head, softcap, chunk, scale_kd, scale_ce = cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        sums = torch.zeros(3, dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            h = hidden[sl]
+            lab = labels[sl] if labels is not None else None
+            tl = t_logits[sl] if t_logits is not None else (t_head(t_hidden[sl]) if t_hidden is not None else None)
+            raw = F.linear(h, weight, bias)  # no graph: grad mode is off inside forward
+            if kind == "kl" and not softcap:
+                g, kd, ce, kl = _forward_kl_grad(raw, tl, lab, temperature, scale_kd, scale_ce)
+            else:
+                with torch.enable_grad():
+                    raw.requires_grad_()
+                    capped = torch.tanh(raw / softcap) * softcap if softcap else raw
+                    kd, ce, kl = _chunk_terms(kind, temperature, capped, tl, lab)
+                    (g,) = torch.autograd.grad(kd * scale_kd + ce * scale_ce, raw)
+            del raw, tl
+            sums += torch.stack([kd.detach(), ce.detach(), kl]).to(acc)
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[sl] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.t().to(acc), h.to(acc))
+            if grad_b is not None:
+                grad_b += g.sum(0).to(acc)
+            del g
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                              grad_b.to(bias.dtype) if grad_b is not None else None)
+        return sums[0] * scale_kd + sums[1] * scale_ce, sums
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_sums):
+        grads = ctx.saved_tensors
+        if not torch.equal(g_loss, torch.ones_like(g_loss)):
+            grads = [None if t is None else t * g_loss.to(t.dtype) for t in grads]
+        return (*grads, None, None, None, None)
+
+
 def kd_loss(
     student_hidden: torch.Tensor,
     student_head: Head,
@@ -126,6 +232,7 @@ def kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     recompute: bool = True,
+    fused: bool = True,
 ) -> LossOutput:
     """Distillation loss of a student against a teacher, averaged over tokens, in token chunks.
 
@@ -142,6 +249,11 @@ def kd_loss(
         ce_weight: weight of the student cross-entropy on `labels` (computed at temperature 1).
         chunk_size: tokens per chunk; peak extra memory is about 4 x chunk_size x V floats.
             0 means one chunk without recomputation: fastest, but full-logit memory.
+        fused: when gradients are needed and the student head is a plain local weight (single
+            process, DDP), compute the gradient of each chunk's logits during the forward and
+            keep only hidden/weight-sized gradients (no logits kept, none recomputed): the
+            fastest bounded-memory path.  False, or a sharded head (FSDP2 / ZeRO-3), falls back
+            to `recompute`.
         recompute: checkpoint each chunk (logits rebuilt in backward instead of kept).  It costs
             a second head matmul for student and teacher in backward (the loss takes ~1.5-2x
             as long); the memory saved is what lets long sequences and big vocabularies fit.
@@ -170,6 +282,22 @@ def kd_loss(
         chunk_size, recompute = max(n, 1), False
     with_ce = labels is not None and (ce_weight > 0 or kind == "none")
     n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+
+    kd_scale = temperature**2 / max(n, 1) if kind != "none" else 0.0
+    ce_scale = ((1.0 if kind == "none" else ce_weight) / max(n_labels, 1)) if with_ce else 0.0
+    lin = s_head.linear() if fused else None
+    if lin is not None and torch.is_grad_enabled() and (student_hidden.requires_grad or lin[0].requires_grad
+                                                        or (lin[1] is not None and lin[1].requires_grad)):
+        no_grad_t_head = torch.no_grad()(t_head) if t_head is not None else None
+        cfg = (kind, temperature, no_grad_t_head, s_head.softcap, chunk_size, kd_scale, ce_scale)
+        total, sums = _FusedHeadLoss.apply(
+            student_hidden, lin[0], lin[1], cfg,
+            teacher_hidden if (use_teacher and teacher_logits is None) else None,
+            teacher_logits if use_teacher else None,
+            labels if with_ce else None,
+        )
+        return LossOutput(loss=total, kd=sums[0].detach() / max(n, 1), ce=sums[1].detach() / max(n_labels, 1),
+                          kl=sums[2].detach() / max(n, 1), n_tokens=n, n_labels=n_labels)
 
     def chunk_fn(sh, th, tl, lab):
         if tl is None and th is not None:

@@ -147,13 +147,14 @@ class StudentObjective(_Delegating):
         hidden_weight: float = 1.0,
         teacher_hidden_size: int | None = None,
         chunk_size: int = 512,
+        fused: bool = True,
     ):
         super().__init__()
         self.hf_model = student
         self.mode, self.loss_name, self.temperature = mode, loss, temperature
         self.ce_weight, self.hidden_loss, self.hidden_weight = ce_weight, hidden_loss, hidden_weight
         self.layer_map = list(layer_map or [])
-        self.chunk_size = chunk_size
+        self.chunk_size, self.fused = chunk_size, fused  # fused: see kd_loss (False under FSDP2 / ZeRO-3)
         hs = student.config.hidden_size
         # Width-pruned students have fewer hidden channels than the teacher: a learned linear map
         # (trained with the student, not exported) brings them to the teacher's width.
@@ -180,10 +181,11 @@ class StudentObjective(_Delegating):
                                 flat.new_tensor(out.n_tokens), flat.new_tensor(out.n_labels)]).float()
         if self.mode == "lm":
             out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss="none",
-                          chunk_size=self.chunk_size)
+                          chunk_size=self.chunk_size, fused=self.fused)
         else:
             out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss=self.loss_name,
-                          temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size)
+                          temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size,
+                          fused=self.fused)
         loss = out.loss
         h_loss = loss.new_zeros(())
         if tap:

@@ -25,7 +25,7 @@ from .._io import check_writable_output
 from ..data import DEFAULT_CORPUS, check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
-from .accel import cpu_only, prepare_teacher, reset_accelerate
+from .accel import cpu_only, prepare_teacher, reset_accelerate, shards_parameters
 from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
@@ -366,7 +366,7 @@ def _run(accelerator, **kw) -> DistillResult:
     s_model.train()
     objective = StudentObjective(
         s_model, g.mode, g.loss, g.temperature, g.ce_weight, g.hidden_loss, g.pairs, g.hidden_weight,
-        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size,
+        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size, fused=not shards_parameters(accelerator),
     )
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=g.weight_decay)

@@ -157,10 +157,9 @@ def search(
     """Find the best uniform shape for a parameter budget: prune candidates, distill each briefly, rank by validation KL."""
     from .importance import Scores
     from .models import load_model, load_tokenizer
-    from .search import enumerate_candidates, keep_winner, run_search
+    from .search import enumerate_candidates, search as run_whole_search
     from .adapters import get_adapter
     from .models import load_config
-    from .pipeline import _write_search_table
     from .data import check_source
 
     adapter = get_adapter(load_config(model))
@@ -178,16 +177,11 @@ def search(
     else:
         sc = api.importance(model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples,
                             seq_len=seq_len, depth_loss=False, seed=seed, loaded=teacher, overwrite=True)
-    depths = [adapter.shape().layers - c.shape.layers for c in cands]
-    if api.add_block_losses(sc, teacher, tok, depths, data=data, seq_len=seq_len, calib_samples=calib_samples,
-                            seed=seed, text_field=text_field):
-        sc.save(scores_path)
     console.print(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
-    results = run_search(teacher, tok, sc, cands, output, data=data, search_tokens=search_tokens,
-                         distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr,
-                                             seed=seed, dtype=dtype, text_field=text_field))
-    _write_search_table(output, results)
-    winner = keep_winner(output, results)
+    results, winner = run_whole_search(
+        teacher, tok, sc, scores_path, cands, output, data=data, search_tokens=search_tokens,
+        distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, seed=seed,
+                            dtype=dtype, text_field=text_field))
     table = Table(title="search ranking (validation KL to the teacher, lower is better)")
     for col in ("rank", "candidate", "parameters", "val KL", "val LM loss"):
         table.add_column(col)

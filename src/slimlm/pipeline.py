@@ -284,42 +284,24 @@ def _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, prune
     from .adapters import get_adapter
     from .importance import Scores
     from .models import load_model
-    from .search import enumerate_candidates, keep_winner, run_search
+    from .search import enumerate_candidates, search
 
     s, d = r["search"], r["distill"]
     model = teacher_model if teacher_model is not None else load_model(teacher, dtype=r["dtype"])
-    adapter = get_adapter(model)
-    cands = enumerate_candidates(adapter, int(s["target_params"]), tolerance=s["tolerance"],
+    cands = enumerate_candidates(get_adapter(model), int(s["target_params"]), tolerance=s["tolerance"],
                                  max_width_prune=s["max_width_prune"], max_depth_prune=s["max_depth_prune"],
                                  hidden_step=s["hidden_step"], ffn_step=s["ffn_step"], max_candidates=s["max_candidates"],
                                  prune_heads=s["prune_heads"])
-    scores = Scores.load(scores_path)
-    depths = [adapter.shape().layers - c.shape.layers for c in cands]
-    if api.add_block_losses(scores, model, tokenizer, depths, progress=progress):
-        scores.save(scores_path)
     log(f"stage search: {len(cands)} candidates, {s['search_tokens']:,} distillation tokens each")
     kwargs = dict(seq_len=d["seq_len"], micro_batch=d["micro_batch"], global_batch=d["global_batch"], lr=d["lr"],
                   min_lr=d["min_lr"], warmup=d["warmup"], loss=d["loss"], seed=r["seed"], dtype=r["dtype"],
                   text_field=r["text_field"], heldout=d["heldout"])
-    results = run_search(model, tokenizer, scores, cands, root / "search", data=r["data"], search_tokens=s["search_tokens"],
-                         distill_kwargs=kwargs, progress=progress)
-    _write_search_table(root / "search", results)
+    results, _ = search(model, tokenizer, Scores.load(scores_path), scores_path, cands, root / "search", data=r["data"],
+                        search_tokens=s["search_tokens"], distill_kwargs=kwargs, progress=progress)
     best = results[0]
-    summary = api.prune(teacher, pruned, scores=scores_path, hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"],
-                        layers=best["layers"], depth_metric="block", seed=r["seed"], dtype=r["dtype"], overwrite=True,
-                        progress=progress, data=r["data"], text_field=r["text_field"])
-    keep_winner(root / "search", results)
-    return summary
-
-
-def _write_search_table(folder: Path, results: list[dict]) -> None:
-    lines = ["| rank | candidate | layers | hidden | ffn | heads | parameters | val KL | val LM loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for i, row in enumerate(results, 1):
-        kl = f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-"
-        lm = f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-"
-        lines.append(f"| {i} | {row['candidate']} | {row['layers']} | {row['hidden']} | {row['ffn']} | {row['heads']} | {row['params'] / 1e6:.1f}M | {kl} | {lm} |")
-    atomic_write_text(folder / "ranking.md", "\n".join(lines) + "\n")
-    atomic_write_json(folder / "ranking.json", results)
+    return api.prune(teacher, pruned, scores=scores_path, hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"],
+                     layers=best["layers"], depth_metric="block", seed=r["seed"], dtype=r["dtype"], overwrite=True,
+                     progress=progress, data=r["data"], text_field=r["text_field"])
 
 
 def summarize(root: Path, report: str | None) -> dict:

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._io import atomic_write_json
+from ._io import atomic_write_json, atomic_write_text
 from .adapters import Adapter, Shape
 from .errors import SlimlmError
 
@@ -158,3 +158,38 @@ def keep_winner(out: Path, results: list[dict]) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run"))
     return dst
+
+
+def write_ranking(out: Path, results: list[dict]) -> None:
+    """OUT/ranking.md (a Markdown table) and OUT/ranking.json."""
+    lines = ["| rank | candidate | layers | hidden | ffn | heads | parameters | val KL | val LM loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(results, 1):
+        kl = f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-"
+        lm = f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-"
+        lines.append(f"| {i} | {row['candidate']} | {row['layers']} | {row['hidden']} | {row['ffn']} | {row['heads']} "
+                     f"| {row['params'] / 1e6:.1f}M | {kl} | {lm} |")
+    atomic_write_text(out / "ranking.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / "ranking.json", results)
+
+
+def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list[Candidate], out: Path, *,
+           data, search_tokens: int, distill_kwargs: dict, progress: bool = True) -> tuple[list[dict], Path]:
+    """The whole search over `candidates`: what `slimlm search` and the pipeline's search stage run.
+
+    Scores the contiguous blocks that depth candidates need (saved back to `scores_path`),
+    distills every candidate briefly (`run_search`), writes OUT/ranking.{md,json} and keeps
+    the winner's student in OUT/winner.  Returns (ranking, winner folder).
+    """
+    from .adapters import get_adapter
+    from .api import add_block_losses
+
+    layers = get_adapter(teacher_model).shape().layers
+    depths = [layers - c.shape.layers for c in candidates]
+    if add_block_losses(scores, teacher_model, tokenizer, depths, data=data,
+                        text_field=distill_kwargs.get("text_field", "text"), progress=progress):
+        scores.save(scores_path)
+    results = run_search(teacher_model, tokenizer, scores, candidates, out, data=data, search_tokens=search_tokens,
+                         distill_kwargs=distill_kwargs, progress=progress)
+    write_ranking(out, results)
+    return results, keep_winner(out, results)

@@ -56,6 +56,7 @@ def parse():
     ap.add_argument("--hellaswag-items", type=int, default=None, help="HellaSwag items (full 100, quick 10; the issue asks 500: about 6 min per model on 2 cores)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (full 128, quick 8)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="write OUT/fidelity.md and the plot from the rows done so far")
     a = ap.parse_args()
     full = dict(tokens=16384, seq_len=256, ppl_tokens=8192, hellaswag_items=100, calib_samples=128)
     quick = dict(tokens=1024, seq_len=64, ppl_tokens=1024, hellaswag_items=10, calib_samples=8)
@@ -128,7 +129,9 @@ class Study:
             k = self.shape.layers - self.depth_layers()
             depth = key == ("activation", "mean,l2")  # only the main scores feed depth pruning
             self._scores[key] = estimate_importance(model, calib, importance=kind, aggregation=aggregation, heldout=held,
-                                                    depth_loss=depth, block_sizes=(k,) if depth else (), batch_size=8, seed=0)
+                                                    depth_loss=depth, block_sizes=(k,) if depth else (), batch_size=8, seed=0,
+                                                    meta=dict(data=data, seq_len=self.a.seq_len, seed=0, heldout=8,
+                                                              calib_samples=self.a.calib_samples))
         return self._scores[key]
 
     def depth_layers(self) -> int:
@@ -167,8 +170,26 @@ class Study:
         return prune_model(teacher or self.teacher, make_plan(sc, self.shape, targets))
 
 
+def report_only(a) -> None:
+    """Tables and plot from OUT/rows.jsonl (and OUT/search/ranking.json) without running anything."""
+    from types import SimpleNamespace
+
+    rows_path = a.out / "rows.jsonl"
+    if not rows_path.exists():
+        raise SystemExit(f"no rows yet in {rows_path}")
+    rows = {}
+    for line in rows_path.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["id"]] = r
+    ranking_path = a.out / "search" / "ranking.json"
+    ranking = json.loads(ranking_path.read_text()) if ranking_path.exists() else []
+    write_tables(SimpleNamespace(a=a, rows=rows, out=a.out), ranking)
+
+
 def main():
     a = parse()
+    if a.report_only:
+        return report_only(a)
     torch.set_num_threads(a.threads)
     st = Study(a)
     print(f"# {machine()}; {a.tokens} distillation tokens per row; out: {a.out}", flush=True)
@@ -227,22 +248,14 @@ def main():
     st.row("5 teacher correction", "student of the corrected teacher", from_corrected,
            train=lambda m: st.train(m, "shakes-corr", teacher=st._corrected, data=train_txt), extra_ppl=held_txt)
     # 6. search winner vs hand-picked shapes -------------------------------------------------------
-    from slimlm.search import enumerate_candidates, run_search
+    from slimlm.search import enumerate_candidates, search
 
     target = st.adapter.param_count(target_shape(width, st.shape))
     cands = enumerate_candidates(st.adapter, target, max_candidates=3 if a.quick else 4, max_depth_prune=0.2, max_width_prune=0.45)
-    sc = st.scores()
-    need = {st.shape.layers - c.shape.layers for c in cands} - {0} - set(sc.block_losses)
-    if need:
-        held = pack_windows(None, st.tok, a.seq_len, a.calib_samples + 8, seed=0).split(8)[1].input_ids
-        from slimlm.importance import block_removal_losses
-
-        for k in sorted(need):
-            sc.block_losses[k] = block_removal_losses(st.teacher, held, k, progress=False)
-    search_dir = a.out / "search"
-    ranking = run_search(st.teacher, st.tok, sc, cands, search_dir, data="builtin:python-docs", search_tokens=max(a.tokens // 4, 256),
-                         distill_kwargs=dict(seq_len=a.seq_len, micro_batch=4, global_batch=16, lr=1e-4, min_lr=1e-5, warmup=4,
-                                             seed=0, heldout=4, tensorboard=False), progress=False)
+    ranking, _ = search(st.teacher, st.tok, st.scores(), a.out / "scores.safetensors", cands, a.out / "search",
+                        data="builtin:python-docs", search_tokens=max(a.tokens // 4, 256), progress=False,
+                        distill_kwargs=dict(seq_len=a.seq_len, micro_batch=4, global_batch=16, lr=1e-4, min_lr=1e-5,
+                                            warmup=4, seed=0, heldout=4, tensorboard=False))
     best = ranking[0]
     win = Targets(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
     st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), train=lambda m: kd(m, "search-winner"))
@@ -268,8 +281,9 @@ def write_tables(st: Study, ranking) -> None:
         sh = f" {r['shakespeare_ppl']:.2f} |" if "shakespeare_ppl" in r else ""
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {r['hellaswag_acc_norm']:.3f} | "
                      f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} |")
-    lines += ["", "### search ranking (short distillation, validation KL on the training corpus's held-out windows)", "",
-              "| rank | candidate | parameters | val KL |", "|---|---|---|---|"]
+    if ranking:
+        lines += ["", "### search ranking (short distillation, validation KL on the training corpus's held-out windows)", "",
+                  "| rank | candidate | parameters | val KL |", "|---|---|---|---|"]
     for i, r in enumerate(ranking, 1):
         lines.append(f"| {i} | {r['candidate']} | {r['params'] / 1e6:.1f}M | {r['val_kl']:.4f} |")
     (st.out / "fidelity.md").write_text("\n".join(lines) + "\n")

@@ -369,7 +369,10 @@ def _run(accelerator, **kw) -> DistillResult:
         g.t_cfg.hidden_size if use_teacher else None, g.chunk_size, fused=not shards_parameters(accelerator),
     )
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=g.weight_decay)
+    # The fused AdamW kernel (CPU and GPU) steps all parameters at once: ~5x faster than the
+    # per-tensor loop torch picks on CPU.  Sharded (DTensor / ZeRO) parameters keep the default.
+    optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=g.weight_decay,
+                                  fused=not shards_parameters(accelerator) or None)
     sched_fn = lambda s: schedule(s, g.total_steps, g.lr, g.min_lr, g.warmup_steps) / g.lr  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
     objective, optimizer = accelerator.prepare(objective, optimizer)

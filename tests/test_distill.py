@@ -177,6 +177,25 @@ def test_distill_lowers_kl_and_exports_a_standard_checkpoint(models, tmp_path):
     assert (out / "tokenizer.json").exists() and meta["data"] == models["data"]
 
 
+def test_student_objective_fused_and_checkpointed_give_the_same_gradients():
+    """The trainer's two loss paths (fused: single process / DDP; checkpointed: FSDP2 / ZeRO-3) on a real model."""
+    from slimlm.distill.modules import StudentObjective, TeacherForward, lm_head
+
+    teacher = TeacherForward(tiny_model("llama", seed=1, num_hidden_layers=3))
+    ids = torch.randint(4, 96, (3, SEQ))
+    t_hidden, _ = teacher(ids)
+    grads = []
+    for fused in (True, False):
+        student = tiny_model("llama", num_hidden_layers=2)  # same seed: same weights (tied head included)
+        out = StudentObjective(student, ce_weight=0.3, temperature=1.5, chunk_size=16, fused=fused)(
+            ids, t_hidden, {}, lm_head(teacher.hf_model))
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), [p.grad.clone() for p in student.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_lm_mode_loss_is_cross_entropy(models, tmp_path):
     from slimlm.distill.data import WindowOrder
     from slimlm.distill.modules import StudentObjective

@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
             None, "--layer-map", help="Student:teacher layer pairs for --hidden-loss, e.g. 0:1,1:3 (default evenly spaced)."),
         mode: str = typer.Option("kd", "--mode", help="kd (distillation) or lm (plain LM loss, a baseline)."),
         chunk_size: int = typer.Option(
-            512, "--chunk-size", help="Tokens per loss chunk (logits recomputed in backward); 0: full logits."),
+            512, "--chunk-size", help="Tokens per loss chunk (vocabulary-sized memory is a few chunk x vocab tensors); 0: one chunk."),
         gradient_checkpointing: bool = typer.Option(
             False, "--gradient-checkpointing", help="Recompute student layers in backward (less memory)."),
         eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps (0: never)."),

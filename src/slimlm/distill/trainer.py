@@ -183,8 +183,9 @@ def distill(
             the chat template (the student's, else the teacher's) before packing: an instruct teacher
             then yields an instruct student directly.  The teacher's chat template is saved with the
             student whenever the student has none.
-        chunk_size: tokens per chunk of the loss (LM head applied inside, logits recomputed in
-            backward); 0 for full logits without recomputation (faster, much more memory).
+        chunk_size: tokens per chunk of the loss (LM head applied inside, each chunk's logit
+            gradient taken in the forward; checkpointed and recomputed under FSDP2 / ZeRO-3);
+            0 for one chunk of all tokens (full-logit memory).
         gradient_checkpointing: recompute the student's decoder layers in backward (less memory).
         stop_after: stop (with a checkpoint, no export) after this many optimizer steps in total,
             for time-boxed jobs; run again with `resume=True` to continue.

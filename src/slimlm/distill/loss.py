@@ -2,10 +2,13 @@
 
 A full-vocabulary logit tensor is large (vocab 128K x 8K tokens x fp32 = 4 GB, twice for
 teacher and student, more for softmax and its gradient).  `kd_loss` never builds it: it
-walks over the tokens in chunks, applies both LM heads inside each chunk, and wraps the
-chunk in `torch.utils.checkpoint` so that the chunk's logits are freed right after its
-forward and recomputed in backward.  Peak extra memory is a few `chunk_size x vocab`
-tensors whatever the sequence length.
+walks over the tokens in chunks and applies both LM heads inside each chunk.  By default
+(plain local head weights: one process or DDP) it takes the gradient of each chunk's
+logits during the forward and keeps only hidden- and weight-sized gradients
+(`_FusedHeadLoss`), so no logits are kept or recomputed.  With sharded heads (FSDP2 /
+ZeRO-3) each chunk is wrapped in `torch.utils.checkpoint` instead: its logits are freed
+after the forward and recomputed in backward.  Either way peak extra memory is a few
+`chunk_size x vocab` tensors whatever the sequence length.
 
 Losses (p = teacher distribution, q = student distribution, both at `temperature`):
 - ``kl``: forward KL(p || q) = sum p (log p - log q)   (Minitron's choice)

@@ -156,7 +156,8 @@ class Study:
         if train is not None:
             train(model)
         wall = time.perf_counter() - t0
-        row = {"id": rid, "group": group, "name": name, "wall_s": round(wall, 1), **self.evaluate(model, extra_ppl)}
+        row = {"id": rid, "group": group, "name": name, "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
+               **self.evaluate(model, extra_ppl)}
         self.rows[rid] = row
         with open(self.rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -270,17 +271,18 @@ def write_tables(st: Study, ranking) -> None:
     lines = [f"Machine: {machine()}. Teacher SmolLM2-135M-Instruct (fp32). Distillation: {a.tokens:,} tokens per row, "
              f"sequence {a.seq_len}, batch 16, LR 1e-4 -> 1e-5 cosine, forward KL. WikiText-2: first {a.ppl_tokens:,} tokens. "
              f"HellaSwag: first {a.hellaswag_items} items. Validation KL: to the original teacher, on Python documentation pages "
-             "that no row trains on.", ""]
+             "that no row trains on. Wall time: pruning + training of the row (the first row that needs a set of "
+             "importance scores also pays for computing them), at the torch thread count in brackets.", ""]
     group = None
     for r in st.rows.values():
         if r["group"] != group:
             group = r["group"]
             extra = " Shakespeare ppl |" if group.startswith("5") else ""
-            lines += ["", f"### {group}", "", f"| row | parameters | WikiText-2 ppl | HellaSwag acc_norm | val KL |{extra} wall s |",
+            lines += ["", f"### {group}", "", f"| row | parameters | WikiText-2 ppl | HellaSwag acc_norm | val KL |{extra} wall s (threads) |",
                       "|---|---|---|---|---|" + ("---|" if extra else "") + "---|"]
         sh = f" {r['shakespeare_ppl']:.2f} |" if "shakespeare_ppl" in r else ""
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {r['hellaswag_acc_norm']:.3f} | "
-                     f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} |")
+                     f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} ({r.get('threads', 1)}) |")
     if ranking:
         lines += ["", "### search ranking (short distillation, validation KL on the training corpus's held-out windows)", "",
                   "| rank | candidate | parameters | val KL |", "|---|---|---|---|"]

@@ -319,6 +319,7 @@ def distill(
 def _run(accelerator, **kw) -> DistillResult:
     """The part of `distill` after validation (kept apart so the accelerator is always released)."""
     g = _Namespace(kw)
+    g.distributed = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
     main = accelerator.is_main_process
     out, run_dir = g.out, g.run_dir
     # Every process has checked the output before the main one writes into it (else a slower

@@ -61,6 +61,19 @@ def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softc
     torch.testing.assert_close(out.kl, ref_kl / temperature**2, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_forward_kl_with_a_soft_capped_teacher_and_ignored_labels():
+    """The by-hand forward-KL path (teacher cap, T != 1, CE with ignored labels) against the naive loss."""
+    x = _loss_inputs()
+    out = kd_loss(x["hs"], x["w"], x["ht"], x["wt"], student_bias=x["b"], labels=x["labels"], loss="kl",
+                  temperature=1.5, ce_weight=0.3, chunk_size=16, teacher_softcap=2.0)
+    grads = torch.autograd.grad(out.loss, [x["hs"], x["w"], x["b"]])
+    t_logits = torch.tanh((x["ht"] @ x["wt"].T) / 2.0) * 2.0
+    ref = naive_kd_loss(x["hs"] @ x["w"].T + x["b"], t_logits, labels=x["labels"], temperature=1.5, ce_weight=0.3)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-7)
+    for got, want in zip(grads, torch.autograd.grad(ref, [x["hs"], x["w"], x["b"]])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_fused_loss_through_a_tied_linear_module():
     """A head tied to the embeddings (SmolLM2) gets the sum of both gradients, as with plain autograd."""
     x = _loss_inputs(torch.float64)

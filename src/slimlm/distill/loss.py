@@ -58,14 +58,19 @@ class LinearHead:
     def __init__(self, fn: Callable, weight=None, bias=None, softcap: float | None = None):
         self.fn, self.weight, self.bias, self.softcap = fn, weight, bias, softcap
 
-    def raw(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fn(h)
-
-    def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.cap(self.fn(h))
+    def __call__(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `h`; with `out`, written into that buffer (in place for a plain local weight)."""
+        if out is None:
+            logits = self.fn(h)
+            return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        lin = self.linear()
+        if lin is not None:
+            _logits_into(out, h, *lin)
+        else:
+            out.copy_(self.fn(h))
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
 
     def linear(self):
         """(weight, bias) as plain local tensors, or None (an arbitrary callable, or a sharded weight)."""
@@ -131,45 +136,79 @@ def _chunk_terms(kind: str, temperature: float, s_logits: torch.Tensor, t_logits
     return kd, ce, kl
 
 
-def _forward_kl_grad(s_logits, t_logits, labels, temperature, scale_kd, scale_ce):
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """out <- h @ weight.T + bias, straight into `out` when the dtypes allow (no new logits tensor)."""
+    if h.dtype == weight.dtype == out.dtype and not torch.is_autocast_enabled(h.device.type):
+        torch.mm(h, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:
+        out.copy_(F.linear(h, weight, bias))
+    return out
+
+
+def _log_normalizer_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, [N, 1], using `scratch` (same shape) instead of new big tensors.
+
+    Leaves exp(x - rowmax) in `scratch`.  Large temporaries matter on CPUs: a fresh 100 MB
+    tensor costs more in page faults than an in-place pass over it.
+    """
+    m = x.amax(dim=-1, keepdim=True)
+    torch.sub(x, m, out=scratch).exp_()
+    return scratch.sum(dim=-1, keepdim=True).log_().add_(m)
+
+
+def _forward_kl_grad_(s, t, p, labels, temperature, scale_kd, scale_ce):
     """Forward KL (+ optional cross-entropy) of one chunk and its gradient w.r.t. the student logits, by hand.
 
     d/ds [scale_kd * KL(p || q)] = scale_kd * (q - p) / T; d/ds [scale_ce * CE] = scale_ce * (softmax(s) - onehot).
-    Written with in-place ops so that only about four chunk x vocab tensors live at once.
-    Returns (grad, kd sum, ce sum, forward-KL sum).
+    `s` (student logits), `t` (teacher logits) and `p` are fp32 (or fp64) [N, V] buffers owned by the
+    caller and overwritten: no vocabulary-sized tensor is allocated.  Returns
+    (gradient, a view of `s`; kd sum; ce sum; forward-KL sum).
     """
-    s = _upcast(s_logits)
-    log_p = F.log_softmax(_upcast(t_logits) / temperature, dim=-1)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    p = log_p.exp()
-    kl = log_p.sub_(log_q).mul_(p).sum()
-    del log_p
-    grad = log_q.exp_().sub_(p).mul_(scale_kd / temperature)
-    del p
     ce = s.new_zeros(())
+    ce_grad = None
     if labels is not None:
         valid = labels != IGNORE_INDEX
         idx = labels.clamp(min=0).unsqueeze(1)
-        lse = torch.logsumexp(s, dim=-1)
-        ce = ((lse - s.gather(1, idx).squeeze(1)) * valid).sum()
-        if scale_ce:
-            soft = (s - lse.unsqueeze(1)).exp_()
-            soft.scatter_add_(1, idx, -torch.ones_like(idx, dtype=soft.dtype))
-            grad.add_(soft.mul_(valid.unsqueeze(1).to(soft.dtype)), alpha=scale_ce)
-    return grad, kl, ce, kl.detach()
+        lse1 = _log_normalizer_(s, p)
+        ce = ((lse1.squeeze(1) - s.gather(1, idx).squeeze(1)) * valid).sum()
+        if scale_ce and temperature != 1:  # softmax at T = 1 is needed apart from q (rare: CE with T != 1)
+            ce_grad = (s - lse1).exp_()
+    if temperature != 1:
+        s.div_(temperature)
+        t.div_(temperature)
+    log_z_q = lse1 if (labels is not None and temperature == 1) else _log_normalizer_(s, p)
+    s.sub_(log_z_q)  # log q
+    log_z_p = _log_normalizer_(t, p)  # p holds exp(t - max) ...
+    p.div_(p.sum(dim=-1, keepdim=True))  # ... and now the teacher's distribution
+    t.sub_(log_z_p).sub_(s)  # log p - log q
+    kl = torch.dot(t.view(-1), p.view(-1))
+    q = s.exp_()
+    coef = scale_kd / temperature
+    if labels is not None and scale_ce:
+        rows = valid.nonzero().squeeze(1)
+        if ce_grad is None:  # T == 1: the CE softmax is q itself
+            q.mul_((coef + scale_ce * valid.to(q.dtype)).unsqueeze(1)).sub_(p, alpha=coef)
+        else:
+            q.sub_(p).mul_(coef).add_(ce_grad.mul_(valid.to(q.dtype).unsqueeze(1)), alpha=scale_ce)
+        q.index_put_((rows, labels[rows]), q.new_full((rows.numel(),), -scale_ce), accumulate=True)
+    else:
+        q.sub_(p).mul_(coef)
+    return q, kl, ce, kl.detach()
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """Student LM head + loss in token chunks, with the gradient taken during the forward.
 
     Each chunk's logits are built once: the loss's gradient with respect to them is computed
-    right away (by hand for forward KL, the default; by autograd on the chunk's softmax terms
-    otherwise) and turned into the gradients of the hidden states, head weight and bias with
-    two matmuls; then the chunk's logits are freed.  Backward only scales the stored
-    gradients by the incoming one.  Compared with checkpointing the chunk, this skips the
-    backward recomputation of both LM heads (the trick of fused linear cross-entropy
-    kernels), at the cost of one weight-sized gradient buffer.  Only for plain local weights
-    (single process, DDP).
+    right away (by hand for forward KL, the default, in three reused fp32 buffers; by
+    autograd on the chunk's softmax terms otherwise) and turned into the gradients of the
+    hidden states, head weight and bias with two matmuls; then the chunk's logits are
+    dropped.  Backward only scales the stored gradients by the incoming one.  Compared with
+    checkpointing the chunk, this skips the backward recomputation of both LM heads (the
+    trick of fused linear cross-entropy kernels), at the cost of one weight-sized gradient
+    buffer.  Only for plain local weights (single process, DDP).
     """
 
     @staticmethod
@@ -181,21 +220,31 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
         sums = torch.zeros(3, dtype=acc, device=hidden.device)
+        by_hand = kind == "kl" and not softcap
+        if by_hand:  # student logits, teacher logits, scratch: reused by every chunk
+            rows = min(chunk, hidden.shape[0])
+            bufs = [torch.empty(rows, weight.shape[0], dtype=acc, device=hidden.device) for _ in range(3)]
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
             lab = labels[sl] if labels is not None else None
-            tl = t_logits[sl] if t_logits is not None else (t_head(t_hidden[sl]) if t_hidden is not None else None)
-            raw = F.linear(h, weight, bias)  # no graph: grad mode is off inside forward
-            if kind == "kl" and not softcap:
-                g, kd, ce, kl = _forward_kl_grad(raw, tl, lab, temperature, scale_kd, scale_ce)
+            if by_hand:
+                s_buf, t_buf, p_buf = (b[: h.shape[0]] for b in bufs)
+                _logits_into(s_buf, h, weight, bias)
+                if t_logits is not None:
+                    t_buf.copy_(t_logits[sl])
+                else:
+                    t_head(t_hidden[sl], out=t_buf)
+                g, kd, ce, kl = _forward_kl_grad_(s_buf, t_buf, p_buf, lab, temperature, scale_kd, scale_ce)
             else:
+                tl = t_logits[sl] if t_logits is not None else (t_head(t_hidden[sl]) if t_hidden is not None else None)
+                raw = F.linear(h, weight, bias)  # no graph: grad mode is off inside forward
                 with torch.enable_grad():
                     raw.requires_grad_()
                     capped = torch.tanh(raw / softcap) * softcap if softcap else raw
                     kd, ce, kl = _chunk_terms(kind, temperature, capped, tl, lab)
                     (g,) = torch.autograd.grad(kd * scale_kd + ce * scale_ce, raw)
-            del raw, tl
+                del raw, tl
             sums += torch.stack([kd.detach(), ce.detach(), kl]).to(acc)
             g = g.to(h.dtype)
             if grad_h is not None:

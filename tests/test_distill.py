@@ -115,7 +115,7 @@ def test_chunked_loss_keeps_no_logits_for_backward():
     hs, w = torch.randn(n, h, requires_grad=True), torch.randn(v, h, requires_grad=True)
     ht, wt = torch.randn(n, h), torch.randn(v, h)
 
-    def saved_bytes(recompute):
+    def saved_bytes(recompute, fused):
         """Bytes of the tensors the returned loss's graph still holds for backward."""
         saved = []
 
@@ -131,11 +131,10 @@ def test_chunked_loss_keeps_no_logits_for_backward():
         return sum(t.numel() * t.element_size() for t in alive.values())
 
     one_logit_tensor = n * v * 4
-    fused = False
-    assert saved_bytes(True) < one_logit_tensor / 10  # only the hidden-state chunks
-    assert saved_bytes(False) > one_logit_tensor
-    fused = True  # only gradients the size of the hidden states and of the head weight
-    assert saved_bytes(True) == (n * h + v * h) * 4
+    assert saved_bytes(True, fused=False) < one_logit_tensor / 10  # only the hidden-state chunks
+    assert saved_bytes(False, fused=False) > one_logit_tensor
+    # fused: only gradients the size of the hidden states and of the head weight
+    assert saved_bytes(True, fused=True) == (n * h + v * h) * 4
 
 
 def test_bad_loss_name():

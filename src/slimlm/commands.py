@@ -181,7 +181,8 @@ def search(
     results, winner = run_whole_search(
         teacher, tok, sc, scores_path, cands, output, data=data, search_tokens=search_tokens,
         distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, seed=seed,
-                            dtype=dtype, text_field=text_field))
+                            dtype=dtype, text_field=text_field),
+        calibration=dict(seq_len=seq_len, calib_samples=calib_samples, seed=seed, text_field=text_field))
     table = Table(title="search ranking (validation KL to the teacher, lower is better)")
     for col in ("rank", "candidate", "parameters", "val KL", "val LM loss"):
         table.add_column(col)

@@ -297,7 +297,8 @@ def _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, prune
                   min_lr=d["min_lr"], warmup=d["warmup"], loss=d["loss"], seed=r["seed"], dtype=r["dtype"],
                   text_field=r["text_field"], heldout=d["heldout"])
     results, _ = search(model, tokenizer, Scores.load(scores_path), scores_path, cands, root / "search", data=r["data"],
-                        search_tokens=s["search_tokens"], distill_kwargs=kwargs, progress=progress)
+                        search_tokens=s["search_tokens"], distill_kwargs=kwargs,
+                        calibration=dict(seed=r["seed"], text_field=r["text_field"]), progress=progress)
     best = results[0]
     return api.prune(teacher, pruned, scores=scores_path, hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"],
                      layers=best["layers"], depth_metric="block", seed=r["seed"], dtype=r["dtype"], overwrite=True,

@@ -174,10 +174,12 @@ def write_ranking(out: Path, results: list[dict]) -> None:
 
 
 def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list[Candidate], out: Path, *,
-           data, search_tokens: int, distill_kwargs: dict, progress: bool = True) -> tuple[list[dict], Path]:
+           data, search_tokens: int, distill_kwargs: dict, calibration: dict | None = None,
+           progress: bool = True) -> tuple[list[dict], Path]:
     """The whole search over `candidates`: what `slimlm search` and the pipeline's search stage run.
 
-    Scores the contiguous blocks that depth candidates need (saved back to `scores_path`),
+    Scores the contiguous blocks that depth candidates need (saved back to `scores_path`;
+    `calibration` holds `api.add_block_losses`'s fallbacks for what the scores' metadata lacks),
     distills every candidate briefly (`run_search`), writes OUT/ranking.{md,json} and keeps
     the winner's student in OUT/winner.  Returns (ranking, winner folder).
     """
@@ -186,8 +188,7 @@ def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list
 
     layers = get_adapter(teacher_model).shape().layers
     depths = [layers - c.shape.layers for c in candidates]
-    if add_block_losses(scores, teacher_model, tokenizer, depths, data=data,
-                        text_field=distill_kwargs.get("text_field", "text"), progress=progress):
+    if add_block_losses(scores, teacher_model, tokenizer, depths, data=data, progress=progress, **(calibration or {})):
         scores.save(scores_path)
     results = run_search(teacher_model, tokenizer, scores, candidates, out, data=data, search_tokens=search_tokens,
                          distill_kwargs=distill_kwargs, progress=progress)

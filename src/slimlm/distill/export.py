@@ -45,7 +45,7 @@ def provenance(g, metrics: dict, elapsed: float) -> dict:
         "hyperparameters": {
             "seq_len": g.seq_len, "micro_batch": g.micro_batch, "global_batch": g.global_batch,
             "grad_accumulation": g.accum, "processes": g.world,
-            "distributed": getattr(g, "distributed", None), "lr": g.lr, "min_lr": g.min_lr,
+            "distributed": g.distributed, "lr": g.lr, "min_lr": g.min_lr,
             "warmup_steps": g.warmup_steps, "warmup_requested": g.warmup, "schedule": "cosine",
             "clip": g.clip, "optimizer": "AdamW(0.9, 0.95)", "weight_decay": g.weight_decay, "seed": g.seed,
             "dtype": str(g.compute_dtype).replace("torch.", ""), "mixed_precision": g.mixed,

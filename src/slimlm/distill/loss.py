@@ -340,8 +340,8 @@ def kd_loss(
     lin = s_head.linear() if fused else None
     if lin is not None and torch.is_grad_enabled() and (student_hidden.requires_grad or lin[0].requires_grad
                                                         or (lin[1] is not None and lin[1].requires_grad)):
-        no_grad_t_head = torch.no_grad()(t_head) if t_head is not None else None
-        cfg = (kind, temperature, no_grad_t_head, s_head.softcap, chunk_size, kd_scale, ce_scale)
+        # t_head runs inside the Function's forward, where grad mode is off: the teacher builds no graph.
+        cfg = (kind, temperature, t_head, s_head.softcap, chunk_size, kd_scale, ce_scale)
         total, sums = _FusedHeadLoss.apply(
             student_hidden, lin[0], lin[1], cfg,
             teacher_hidden if (use_teacher and teacher_logits is None) else None,

@@ -23,7 +23,15 @@ Two measurements, printed as tables and as one final JSON line:
    `torch.cuda.max_memory_allocated`.
 
 Without --teacher/--student, random Llama models are built (vocab --vocab) with a tiny
-character tokenizer, so the script needs no download.  A smoke run (about a minute on 2 cores):
+character tokenizer, so the script needs no download: `--shape tiny` (4 and 2 layers of width
+--hidden) or `--shape 1.7b` (a teacher of SmolLM2-1.7B's shape, 1.7B parameters, and a
+student of half its width, 0.5B, as `slimlm prune --hidden 1024 --ffn 4096 --heads 16` makes;
+for GPUs).  On a GPU every engine runs there; `--dtype bf16` gives all three bf16 mixed precision
+(fp32 master weights and autocast for the student, the frozen teacher in bf16; TRL with
+bf16=True) and the roofline is the bf16 matmul peak.  The GPU run recorded in docs/benchmarks.md:
+
+    python bench/distill.py --shape 1.7b --dtype bf16 --seq-len 1024 --micro-batch 8 --steps 12 \
+        --vocab 49152 --tokens 16384 --hidden 2048 --chunk 2048  A smoke run (about a minute on 2 cores):
 
     python bench/distill.py --what both --steps 3 --seq-len 64 --hidden 64 --vocab 8192 --tokens 512
 
@@ -58,6 +66,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mixed(dtype: str):
+    """The autocast context of --dtype (bf16 mixed precision), or a no-op for fp32."""
+    return torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
 # ---- inputs -------------------------------------------------------------------------------
 def char_tokenizer():
     """A ~100-token character tokenizer built in memory (ids fit any vocab >= 128)."""
@@ -73,17 +94,24 @@ def char_tokenizer():
                                    pad_token="<pad>")
 
 
-def random_models(folder: Path, hidden: int, vocab: int, seq_len: int):
+def random_models(folder: Path, hidden: int, vocab: int, seq_len: int, shape: str = "tiny"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    if shape == "1.7b":  # SmolLM2-1.7B's shape, and the half-width student width pruning makes of it
+        shapes = (("teacher", dict(layers=24, hidden=2048, ffn=8192, heads=32)),
+                  ("student", dict(layers=24, hidden=1024, ffn=4096, heads=16)))
+    else:
+        shapes = (("teacher", dict(layers=4, hidden=hidden, ffn=hidden * 3, heads=max(hidden // 64, 1))),
+                  ("student", dict(layers=2, hidden=hidden, ffn=hidden * 3, heads=max(hidden // 64, 1))))
     paths = []
-    for name, layers in (("teacher", 4), ("student", 2)):
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
-                             num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
-                             num_key_value_heads=max(hidden // 64, 1), max_position_embeddings=max(seq_len, 128),
+    for name, sh in shapes:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=sh["hidden"], intermediate_size=sh["ffn"],
+                             num_hidden_layers=sh["layers"], num_attention_heads=sh["heads"],
+                             num_key_value_heads=sh["heads"], head_dim=64, max_position_embeddings=max(seq_len, 128),
                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         torch.manual_seed(len(paths))
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.device(DEV):  # initialising 1.7B parameters on a CPU takes minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(folder / name)
         char_tokenizer().save_pretrained(folder / name)
         paths.append(str(folder / name))
@@ -96,38 +124,46 @@ def _median_after_first(values):
     return statistics.median(values[1:] or values)
 
 
-def naive_loop(teacher_spec, student_spec, windows, micro_batch, steps, lr):
-    """The baseline: what one writes by hand with full logits."""
+def naive_loop(teacher_spec, student_spec, windows, micro_batch, steps, lr, dtype="fp32", profiler=None):
+    """The baseline: what one writes by hand with full logits (bf16: autocast, teacher in bf16)."""
     from slimlm.models import load_model
 
-    teacher, student = load_model(teacher_spec, "float32"), load_model(student_spec, "float32")
+    teacher = load_model(teacher_spec, "bfloat16" if dtype == "bf16" else "float32").to(DEV)
+    student = load_model(student_spec, "float32").to(DEV)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95))
     rates = []
     for step in range(steps):
-        ids = windows[step * micro_batch:(step + 1) * micro_batch]
+        ids = windows[step * micro_batch:(step + 1) * micro_batch].to(DEV)
+        _sync()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            t_logits = teacher(ids).logits
-        s_logits = student(ids).logits
-        log_q = F.log_softmax(s_logits.float(), -1)
-        log_p = F.log_softmax(t_logits.float(), -1)
-        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        with _mixed(dtype):
+            with torch.no_grad():
+                t_logits = teacher(ids).logits
+            s_logits = student(ids).logits
+            log_q = F.log_softmax(s_logits.float(), -1)
+            log_p = F.log_softmax(t_logits.float(), -1)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync()
         rates.append(ids.numel() / (time.perf_counter() - t0))
+        if profiler is not None:
+            profiler.step()
+    del teacher, student, opt, t_logits, s_logits, log_q, log_p, loss
     return rates
 
 
-def trl_loop(teacher_spec, student_spec, windows, tokenizer, micro_batch, steps, lr):
+def trl_loop(teacher_spec, student_spec, windows, tokenizer, micro_batch, steps, lr, dtype="fp32"):
     """TRL's GKDTrainer as pure forward KL on the corpus windows; tokens/s of each optimizer step.
 
     lmbda=0 (never the student's own generations), seq_kd=False (never the teacher's), beta=0
     (the generalized JSD is then the forward KL(teacher || student)), temperature 1.  Its
     defaults (inherited from SFTConfig) turn on bf16 and gradient checkpointing even on CPU:
-    both are turned off, so it runs in fp32 like the other two.  A step is timed from the
+    both are turned off, so it runs in fp32 like the other two (with --dtype bf16 its bf16=True
+    mixed precision is on, and the teacher is loaded in bf16 as slimlm does).  A step is timed from the
     trainer's on_step_begin to on_step_end: forward, backward, clipping and the optimizer step,
     not the data loading or logging around them (generous to TRL).
     """
@@ -147,23 +183,27 @@ def trl_loop(teacher_spec, student_spec, windows, tokenizer, micro_batch, steps,
             self.t0, self.seconds = None, []
 
         def on_step_begin(self, args, state, control, **kw):
+            _sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             self.seconds.append(time.perf_counter() - self.t0)
 
     def collate(rows):
         ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    teacher, student = load_model(teacher_spec, "float32"), load_model(student_spec, "float32")
+    bf16 = dtype == "bf16"
+    teacher = load_model(teacher_spec, "bfloat16" if bf16 else "float32")
+    student = load_model(student_spec, "float32")
     config = GKDConfig(
         output_dir=tempfile.mkdtemp(prefix="slimlm-bench-trl-"),
         lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
         per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        bf16=bf16, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         max_length=windows.shape[1], report_to=[], save_strategy="no", logging_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_pin_memory=False, seed=0,
     )
@@ -172,25 +212,31 @@ def trl_loop(teacher_spec, student_spec, windows, tokenizer, micro_batch, steps,
                          train_dataset=Dataset.from_dict({"input_ids": windows.tolist()}), processing_class=tokenizer,
                          callbacks=[timer])
     # What the trainer will really run (its config could silently override ours).
-    assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing and trainer.lmbda == 0 and trainer.beta == 0
+    assert trainer.args.bf16 == bf16 and not trainer.args.gradient_checkpointing and trainer.lmbda == 0 and trainer.beta == 0
     assert next(trainer.model.parameters()).dtype == torch.float32
     trainer.train()
     tokens = micro_batch * windows.shape[1]
     return [tokens / s for s in timer.seconds]
 
 
-def matmul_peak(n: int = 2048, seconds: float = 3.0) -> dict:
-    """fp32 GFLOP/s of an n x n matmul at the current thread count (best and median of a ~3 s loop)."""
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(2):
+def matmul_peak(dtype: str = "fp32", seconds: float = 3.0) -> dict:
+    """GFLOP/s of an n x n matmul (n 2048 on CPUs, at the current thread count; 8192 on GPUs), in
+    --dtype: best and median of a ~3 s loop."""
+    n = 8192 if DEV == "cuda" else 2048
+    kw = dict(device=DEV, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    a, b, c = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
+    for _ in range(3):
         torch.mm(a, b, out=c)
+    _sync()
     rates, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(rates) < 5:
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
+        _sync()
         rates.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return {"n": n, "threads": torch.get_num_threads(), "best_gflops": round(max(rates), 1),
-            "median_gflops": round(statistics.median(rates), 1), "runs": len(rates)}
+    return {"n": n, "dtype": dtype, "device": DEV, "threads": torch.get_num_threads(),
+            "best_gflops": round(max(rates), 1), "median_gflops": round(statistics.median(rates), 1),
+            "runs": len(rates)}
 
 
 def model_flops(spec, seq_len: int) -> dict:
@@ -206,34 +252,61 @@ def model_flops(spec, seq_len: int) -> dict:
             "fwd_flops_per_token": 2 * n + 4 * c.num_hidden_layers * seq_len * attn}
 
 
-def speed(args, teacher, student, tokenizer):
+def _free():
     import gc
 
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _profiler():
+    """torch.profiler over steps 3-5 (the caller calls .step() after each optimizer step)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    return profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1))
+
+
+def speed(args, teacher, student, tokenizer):
     from slimlm.data import pack_windows
     from slimlm.distill import distill
 
     n = args.steps * args.micro_batch
     windows = pack_windows(args.data, tokenizer, args.seq_len, n, seed=0).input_ids
     lr = 1e-4
-    peak = matmul_peak()
+    peak = matmul_peak(args.dtype)
     t_f, s_f = model_flops(teacher, args.seq_len), model_flops(student, args.seq_len)
     flops_per_token = t_f["fwd_flops_per_token"] + 3 * s_f["fwd_flops_per_token"]
 
-    out = Path(tempfile.mkdtemp(prefix="slimlm-bench-")) / "out"
-    distill(teacher, student, args.data, out, tokens=n * args.seq_len, seq_len=args.seq_len,
-            micro_batch=args.micro_batch, lr=lr, min_lr=lr, warmup=0, eval_every=0, save_every=0, progress=False,
-            tensorboard=False, tokenizer=tokenizer, dtype="fp32")
-    ours = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["event"] == "train"]
-    shutil.rmtree(out.parent, ignore_errors=True)  # the exported student (270 MB for the real one)
-    gc.collect()
-    rates = {"slimlm": ours, "naive": naive_loop(teacher, student, windows, args.micro_batch, args.steps, lr)}
-    gc.collect()
-    if args.no_trl:
-        rates["trl"] = None
-    else:
-        rates["trl"] = trl_loop(teacher, student, windows, tokenizer, args.micro_batch, args.steps, lr)
-    res = {"steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+    def ours(chunk, profiler=None):
+        out = Path(tempfile.mkdtemp(prefix="slimlm-bench-")) / "out"
+        distill(teacher, student, args.data, out, tokens=n * args.seq_len, seq_len=args.seq_len,
+                micro_batch=args.micro_batch, lr=lr, min_lr=lr, warmup=0, eval_every=0, save_every=0,
+                progress=False, tensorboard=False, tokenizer=tokenizer, dtype=args.dtype, chunk_size=chunk,
+                on_step=(lambda rec: profiler.step()) if profiler is not None else None)
+        rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "train"]
+        shutil.rmtree(out.parent, ignore_errors=True)  # the exported student (270 MB for the real one)
+        _free()
+        return rates
+
+    chunks = [int(c) for c in args.chunks.split(",")]
+    rates = {"slimlm": ours(chunks[0])}
+    for c in chunks[1:]:
+        rates[f"slimlm_chunk{c}"] = ours(c)
+    rates["naive"] = naive_loop(teacher, student, windows, args.micro_batch, args.steps, lr, args.dtype)
+    _free()
+    rates["trl"], trl_error = None, None
+    if not args.no_trl:
+        try:
+            rates["trl"] = trl_loop(teacher, student, windows, tokenizer, args.micro_batch, args.steps, lr, args.dtype)
+        except Exception as exc:  # e.g. TRL missing or changed: report it, keep the other two
+            trl_error = f"{type(exc).__name__}: {exc}"[:500]
+            print(f"TRL run failed: {trl_error}", file=sys.stderr)
+        _free()
+    res = {"steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "dtype": args.dtype,
+           "device": DEV, "gpu": torch.cuda.get_device_name() if DEV == "cuda" else None, "trl_error": trl_error,
            "teacher": str(teacher), "student": str(student), "matmul": peak,
            "teacher_matmul_params": t_f["matmul_params"], "student_matmul_params": s_f["matmul_params"],
            "flops_per_token": flops_per_token}
@@ -245,6 +318,17 @@ def speed(args, teacher, student, tokenizer):
         res[f"{name}_step_rates"] = [round(x, 2) for x in r]
         res[f"{name}_roofline_fraction"] = round(tps * flops_per_token / (peak["best_gflops"] * 1e9), 3)
     res["slimlm_over_naive"] = round(res["slimlm_tokens_per_s"] / res["naive_tokens_per_s"], 3)
+    res["chunks"] = chunks
+    if args.profile:  # where the time of a step goes: slimlm (first chunk size) and the naive loop
+        res["profile"] = {}
+        for name in ("slimlm", "naive"):
+            with _profiler() as prof:
+                if name == "slimlm":
+                    ours(chunks[0], prof)
+                else:
+                    naive_loop(teacher, student, windows, args.micro_batch, min(args.steps, 6), lr, args.dtype, prof)
+            res["profile"][name] = prof.key_averages().table(
+                sort_by="self_device_time_total" if DEV == "cuda" else "self_cpu_time_total", row_limit=25)
     if "trl_tokens_per_s" in res:
         res["slimlm_over_trl"] = round(res["slimlm_tokens_per_s"] / res["trl_tokens_per_s"], 3)
     return res
@@ -254,14 +338,20 @@ def print_speed(r: dict) -> None:
     m = r["matmul"]
     print(f"\n## speed: {r['teacher']} -> {r['student']}, micro-batch {r['micro_batch']} x {r['seq_len']} tokens, "
           f"{r['steps']} steps (median of steps 2..{r['steps']})")
+    where = r["gpu"] if r.get("gpu") else f"{m['threads']} threads"
     print(f"matmul roofline: {m['best_gflops']} GFLOP/s best, {m['median_gflops']} median "
-          f"({m['n']}x{m['n']} fp32, {m['threads']} threads); useful work {r['flops_per_token'] / 1e9:.3f} GFLOP/token "
+          f"({m['n']}x{m['n']} {m.get('dtype', 'fp32')}, {where}); {r.get('dtype', 'fp32')} engines; useful work {r['flops_per_token'] / 1e9:.3f} GFLOP/token "
           f"(teacher N={r['teacher_matmul_params'] / 1e6:.1f}M, student N={r['student_matmul_params'] / 1e6:.1f}M)")
     print("| engine | tokens/s | slimlm / engine | share of roofline |\n|---|---|---|---|")
-    for name, label in (("slimlm", "slimlm distill"), ("naive", "naive PyTorch loop"), ("trl", "TRL GKDTrainer (fwd KL)")):
+    rows = [("slimlm", f"slimlm distill (chunk {r['chunks'][0]})")]
+    rows += [(f"slimlm_chunk{c}", f"slimlm distill (chunk {c})") for c in r["chunks"][1:]]
+    rows += [("naive", "naive PyTorch loop"), ("trl", "TRL GKDTrainer (fwd KL)")]
+    for name, label in rows:
         if f"{name}_tokens_per_s" in r:
             tps = r[f"{name}_tokens_per_s"]
             print(f"| {label} | {tps:.1f} | {r['slimlm_tokens_per_s'] / tps:.2f}x | {100 * r[f'{name}_roofline_fraction']:.0f} % |")
+    for name, table in r.get("profile", {}).items():
+        print(f"\n### profile of 3 steps: {name}\n{table}")
 
 
 # ---- memory -------------------------------------------------------------------------------
@@ -288,9 +378,15 @@ def _memory_child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    # Warm-up on tiny inputs: the first checkpointed call imports torch._dynamo (~100 MB, seconds).
+    # Warm-up of the same path on tiny inputs: the first checkpointed call imports torch._dynamo
+    # (~100 MB, seconds), the first matmuls load their kernels.
     x = torch.randn(4, 8, device=dev, requires_grad=True)
-    kd_loss(x, torch.randn(16, 8, device=dev), x.detach(), torch.randn(16, 8, device=dev)).loss.backward()
+    w0, t0_ = torch.randn(16, 8, device=dev, requires_grad=True), torch.randn(16, 8, device=dev)
+    if variant in ("fused", "checkpointed"):
+        kd_loss(x, w0, x.detach(), t0_, chunk_size=2, fused=variant == "fused").loss.backward()
+    else:
+        naive_kd_loss(x @ w0.T, x.detach() @ t0_.T).backward()
+    del x, w0, t0_
     g = torch.Generator(device=dev).manual_seed(0)
     hs = torch.randn(tokens, hidden, device=dev, generator=g, requires_grad=True)
     w = (0.02 * torch.randn(vocab, hidden, device=dev, generator=g)).requires_grad_()
@@ -372,6 +468,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per engine (the first is not counted)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL GKDTrainer run")
+    p.add_argument("--chunks", default="512",
+                   help="slimlm's loss chunk size(s), comma-separated: the first is the main row, each other "
+                        "one more slimlm row (default 512, distill()'s default)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler tables of 3 steps of slimlm and of the naive loop")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (default; CPUs) or bf16 mixed precision for all three engines (GPUs)")
+    p.add_argument("--shape", choices=["tiny", "1.7b"], default="tiny",
+                   help="random models: tiny (--hidden wide) or a 1.7B teacher and 0.5B student (GPUs)")
     p.add_argument("--hidden", type=int, default=576, help="random models / memory test: hidden size")
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--tokens", type=int, default=2048, help="memory test: tokens in the loss")
@@ -383,7 +488,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if bool(args.teacher) != bool(args.student):
         p.error("give both --teacher and --student, or neither (random models)")
-    report = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    report = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"}
     t0 = time.perf_counter()
     if args.what in ("speed", "both"):
         if args.teacher and args.student:
@@ -394,7 +500,7 @@ def main(argv=None):
             teacher, student, tok = args.teacher, args.student, load_tokenizer(args.student)
         else:
             teacher, student = random_models(Path(tempfile.mkdtemp(prefix="slimlm-bench-models-")), args.hidden,
-                                             args.vocab, args.seq_len)
+                                             args.vocab, args.seq_len, args.shape)
             tok = char_tokenizer()
         report["speed"] = speed(args, teacher, student, tok)
         print_speed(report["speed"])

@@ -61,6 +61,33 @@ def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softc
     torch.testing.assert_close(out.kl, ref_kl / temperature**2, rtol=1e-5, atol=1e-7)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,ce_weight", [("kl", 0.5), ("jsd", 0.0)])
+def test_fused_loss_under_bf16_autocast_matches_plain_autograd(device, kind, ce_weight):
+    """Mixed precision (how the trainer runs on GPUs): the head matmuls run in bf16 like a Linear's would.
+
+    Reference: the naive loss on the full logits of a plain `F.linear` under the same autocast,
+    differentiated by autograd. Both round the same matmuls to bf16, so they agree to bf16 precision.
+    """
+    x = {k: v.to(device) for k, v in _loss_inputs().items()}
+    leaves = [x[k].detach().requires_grad_() for k in ("hs", "w", "b")]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = kd_loss(leaves[0], leaves[1], x["ht"], x["wt"], student_bias=leaves[2], labels=x["labels"],
+                      loss=kind, ce_weight=ce_weight, chunk_size=16)
+        grads = torch.autograd.grad(out.loss, leaves)
+        s_logits = F.linear(leaves[0], leaves[1], leaves[2])
+        assert s_logits.dtype == torch.bfloat16
+        ref = naive_kd_loss(s_logits, F.linear(x["ht"], x["wt"]), labels=x["labels"], loss=kind, ce_weight=ce_weight)
+        ref_grads = torch.autograd.grad(ref, leaves)
+    torch.testing.assert_close(out.loss.float(), ref.float(), rtol=1e-2, atol=1e-3)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-3)
+
+
 def test_fused_forward_kl_with_a_soft_capped_teacher_and_ignored_labels():
     """The by-hand forward-KL path (teacher cap, T != 1, CE with ignored labels) against the naive loss."""
     x = _loss_inputs()
@@ -221,7 +248,7 @@ def test_lm_mode_loss_is_cross_entropy(models, tmp_path):
     # End to end: the first logged loss is the CE of the untouched student on the first batch.
     records = []
     distill(None, student, models["data"], tmp_path / "lm", tokens=2 * 4 * SEQ, mode="lm", eval_every=0,
-            save_every=0, tokenizer=tiny_tokenizer(), on_step=records.append, **FAST)
+            save_every=0, tokenizer=tiny_tokenizer(), on_step=records.append, dtype="fp32", **FAST)
     # 8 windows needed, no held-out: the first 8 windows of the packed text, in the seeded order.
     windows = pack_windows(models["data"], tiny_tokenizer(), SEQ, None).input_ids[:8]
     first = windows[torch.from_numpy(WindowOrder(8, 0).indices(0, 4))]

@@ -220,6 +220,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
         sums = torch.zeros(3, dtype=acc, device=hidden.device)
+        # Under autocast (bf16 mixed precision on GPUs) the three head matmuls run in the autocast
+        # dtype, as a plain Linear's forward and backward would; the weight is cast once, not per chunk.
+        # In-place addmm_ is not autocast, so the weight gradient is taken as a low-precision product
+        # and accumulated in fp32.
+        dev = hidden.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        w_mm = weight.to(low) if low is not None else weight
         by_hand = kind == "kl" and not softcap
         if by_hand:  # student logits, teacher logits, scratch: reused by every chunk
             rows = min(chunk, hidden.shape[0])
@@ -230,7 +237,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             lab = labels[sl] if labels is not None else None
             if by_hand:
                 s_buf, t_buf, p_buf = (b[: h.shape[0]] for b in bufs)
-                _logits_into(s_buf, h, weight, bias)
+                _logits_into(s_buf, h, w_mm, bias)
                 if t_logits is not None:
                     t_buf.copy_(t_logits[sl])
                 else:
@@ -238,7 +245,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 g, kd, ce, kl = _forward_kl_grad_(s_buf, t_buf, p_buf, lab, temperature, scale_kd, scale_ce)
             else:
                 tl = t_logits[sl] if t_logits is not None else (t_head(t_hidden[sl]) if t_hidden is not None else None)
-                raw = F.linear(h, weight, bias)  # no graph: grad mode is off inside forward
+                raw = F.linear(h, w_mm, bias)  # no graph: grad mode is off inside forward
                 with torch.enable_grad():
                     raw.requires_grad_()
                     capped = torch.tanh(raw / softcap) * softcap if softcap else raw
@@ -246,11 +253,14 @@ class _FusedHeadLoss(torch.autograd.Function):
                     (g,) = torch.autograd.grad(kd * scale_kd + ce * scale_ce, raw)
                 del raw, tl
             sums += torch.stack([kd.detach(), ce.detach(), kl]).to(acc)
-            g = g.to(h.dtype)
+            g = g.to(low or h.dtype)
             if grad_h is not None:
-                grad_h[sl] = g @ weight
+                grad_h[sl] = g @ w_mm
             if grad_w is not None:
-                grad_w.addmm_(g.t().to(acc), h.to(acc))
+                if low is not None:
+                    grad_w.add_(torch.mm(g.t(), h.to(low)))
+                else:
+                    grad_w.addmm_(g.t().to(acc), h.to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0).to(acc)
             del g

@@ -454,6 +454,8 @@ def _run(accelerator, **kw) -> DistillResult:
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            if accelerator.device.type == "cuda":  # kernels run asynchronously: time the finished step
+                torch.cuda.synchronize(accelerator.device)
             dt = time.perf_counter() - t0
             rate = tokens_per_step / dt if rate is None else 0.8 * rate + 0.2 * tokens_per_step / dt
             elapsed = elapsed_before + time.perf_counter() - t_start

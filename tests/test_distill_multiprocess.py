@@ -61,3 +61,23 @@ def test_two_processes_follow_one(tmp_path):
         two = [r[key] for r in _records(tmp_path / "two", event)]
         assert len(one) == len(two) > 0
         assert two == pytest.approx(one, rel=1e-4), (event, key)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_sharded_modules_follow_plain_training(tmp_path):
+    """FSDP2 on CPU (gloo, 2 processes) with Accelerate's layout: the LM heads are used through module
+    calls inside the chunked loss. Same losses and validation sums as unsharded training with the fused loss."""
+    worker = os.path.join(os.path.dirname(__file__), "fsdp2_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([sys.executable, worker, "--plain"], capture_output=True, text=True, timeout=120, env=env)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), worker]
+    sharded = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    want = json.loads(plain.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in sharded.stdout.strip().splitlines() if x.startswith("{")]
+    assert len(lines) == 2  # one per process
+    for got in lines:
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+        assert got["val"] == pytest.approx(want["val"], rel=1e-5)

@@ -18,7 +18,9 @@ Groups (METHOD §7):
   6 the search's winner vs hand-picked shapes.
 Rows are cached in OUT/rows.jsonl: an interrupted run resumes where it stopped, and a row cached
 with fewer HellaSwag items than asked is topped up (HellaSwag re-run on the same model).
-Writes OUT/fidelity.md (tables) and OUT/*.png (plots); docs/benchmarks.md quotes them.
+Writes OUT/fidelity.md (tables) and OUT/*.png (plots), and (full study) puts the same tables
+into docs/benchmarks.md between its fidelity markers and the plot into docs/img/; the
+commentary around them is written by hand.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def parse():
                     help="HellaSwag items (full 500, quick 10; about 2.5 min per model on 2 cores). Rows cached with "
                          "fewer items are re-scored on HellaSwag alone (trained students reload from OUT/students)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (full 128, quick 8)")
+    ap.add_argument("--docs", default=None,
+                    help="Markdown file whose '<!-- fidelity:begin -->' ... '<!-- fidelity:end -->' block gets the "
+                         "tables, with the plot copied beside it under img/ (default docs/benchmarks.md for the full "
+                         "study; quick runs write none; 'none' turns it off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write OUT/fidelity.md and the plot from the rows done so far")
     a = ap.parse_args()
@@ -67,6 +73,9 @@ def parse():
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.out = Path(a.out or Path(__file__).parent / "out" / ("fidelity-quick" if a.quick else "fidelity"))
+    if a.docs is None and not a.quick:
+        a.docs = str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    a.docs = None if a.docs in (None, "none") else Path(a.docs)
     return a
 
 
@@ -342,6 +351,31 @@ def write_tables(st: Study, ranking) -> None:
     (st.out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(st)
+    if a.docs is not None:
+        update_docs(a.docs, lines, st.out / "fidelity_ppl.png")
+
+
+BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"
+
+
+def update_docs(doc: Path, lines: list[str], png: Path) -> None:
+    """Replace the block between the fidelity markers of `doc` with the tables (headings one level
+    down) and copy the plot to img/ beside it. Nothing is written when the markers are missing."""
+    import shutil
+
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"note: {doc} has no {BEGIN} / {END} markers; tables not copied there", flush=True)
+        return
+    body = [("#" + x) if x.startswith("### ") else x for x in lines]
+    head, rest = text.split(BEGIN, 1)
+    new = head + BEGIN + "\n" + "\n".join(body) + "\n" + END + rest.split(END, 1)[1]
+    tmp = doc.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(doc)
+    (doc.parent / "img").mkdir(exist_ok=True)
+    shutil.copyfile(png, doc.parent / "img" / png.name)
+    print(f"tables written into {doc} and {png.name} copied to {doc.parent / 'img'}", flush=True)
 
 
 def plot(st: Study) -> None:

@@ -262,7 +262,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 else:
                     grad_w.addmm_(g.t().to(acc), h.to(acc))
             if grad_b is not None:
-                grad_b += g.sum(0).to(acc)
+                grad_b += g.sum(0, dtype=acc)
             del g
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                               grad_b.to(bias.dtype) if grad_b is not None else None)

@@ -1,6 +1,7 @@
 """Reproduce the Minitron findings at small scale on the real SmolLM2-135M teacher.
 
-    python bench/fidelity.py            # the full study: about two hours on 2 quiet CPU cores
+    python bench/fidelity.py            # the full study: about 3.5 hours on 2 quiet CPU cores
+    python bench/fidelity.py --hellaswag-items 100   # the same with HellaSwag on 100 items: about 2 hours
     python bench/fidelity.py --quick    # the same rows with tiny budgets: a few minutes
 
 Every row is a student of about half the teacher's parameters (or the teacher), with

@@ -386,8 +386,8 @@ def plot(st: Study) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in st.rows.values() if not r["group"].startswith("0")]
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
-    names = [f"{r['group'][:1]}. {r['name']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1))
+    names = [f"{r['group']}: {r['name']}" for r in rows]
     ax.barh(range(len(rows)), [r["wikitext_ppl"] for r in rows], color="tab:blue")
     ax.set_yticks(range(len(rows)), names, fontsize=8)
     ax.invert_yaxis()

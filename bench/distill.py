@@ -28,10 +28,8 @@ character tokenizer, so the script needs no download: `--shape tiny` (4 and 2 la
 student of half its width, 0.5B, as `slimlm prune --hidden 1024 --ffn 4096 --heads 16` makes;
 for GPUs).  On a GPU every engine runs there; `--dtype bf16` gives all three bf16 mixed precision
 (fp32 master weights and autocast for the student, the frozen teacher in bf16; TRL with
-bf16=True) and the roofline is the bf16 matmul peak.  The GPU run recorded in docs/benchmarks.md:
-
-    python bench/distill.py --shape 1.7b --dtype bf16 --seq-len 1024 --micro-batch 8 --steps 12 \
-        --vocab 49152 --tokens 16384 --hidden 2048 --chunk 2048  A smoke run (about a minute on 2 cores):
+bf16=True) and the roofline is the bf16 matmul peak.  The GPU runs recorded in docs/benchmarks.md
+are the two calls of this script in `bench/gpu.sh`.  A smoke run (about a minute on 2 cores):
 
     python bench/distill.py --what both --steps 3 --seq-len 64 --hidden 64 --vocab 8192 --tokens 512
 

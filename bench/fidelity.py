@@ -127,10 +127,7 @@ class Study:
             "wikitext_ppl": perplexity(model, self.tok, str(WIKITEXT), seq_len=512, max_tokens=self.a.ppl_tokens)["ppl"],
             "val_kl": self.val_kl(model) if model is not self.teacher else 0.0,
         }
-        hs = run_tasks(model, self.tok, ["hellaswag_local"], limit=self.a.hellaswag_items, batch_size=8,
-                       task_data={"hellaswag": str(HELLASWAG)})
-        res["hellaswag_acc_norm"] = hs["hellaswag_local"].get("acc_norm")
-        res["hellaswag_items"] = self.a.hellaswag_items
+        res.update(self.hellaswag(model))
         if extra_ppl:
             res["shakespeare_ppl"] = perplexity(model, self.tok, extra_ppl, seq_len=256, max_tokens=self.a.ppl_tokens)["ppl"]
         return res
@@ -182,9 +179,12 @@ class Study:
     def row(self, group, name, build, *, train=None, extra_ppl=None, saved=None):
         """One row: build (and train) a model and evaluate it; cached in rows.jsonl.
 
-        `saved`: the students/ folder a trained row writes, to reload it when only HellaSwag must be
-        topped up (a cached row with fewer items than --hellaswag-items); untrained rows rebuild.
+        `saved`: the students/ folder a trained row writes (training defaults to distillation from the
+        teacher into that folder), to reload it when only HellaSwag must be topped up (a cached row with
+        fewer items than --hellaswag-items); untrained rows rebuild.
         """
+        if saved is not None and train is None:
+            train = lambda m: self.train(m, saved)  # noqa: E731
         rid = f"{group}|{name}"
         if rid in self.rows:
             row = self.rows[rid]
@@ -250,20 +250,19 @@ def main():
     print(f"# {machine()}; {a.tokens} distillation tokens per row; out: {a.out}", flush=True)
     width = Targets(**WIDTH)
     depth_n = st.depth_layers()
-    kd = lambda m, name: st.train(m, name)  # noqa: E731
 
     st.row("0 teacher", "SmolLM2-135M-Instruct", lambda: st.teacher)
     # 1. width vs depth ------------------------------------------------------------------
-    st.row("1 width vs depth", "width (activation)", lambda: st.pruned(width), train=lambda m: kd(m, "w-act"), saved="w-act")
+    st.row("1 width vs depth", "width (activation)", lambda: st.pruned(width), saved="w-act")
     for metric in ("block", "loss", "bi"):
         st.row("1 width vs depth", f"depth {depth_n} layers by {metric}",
                lambda metric=metric: st.pruned(Targets(layers=depth_n, depth_metric=metric)),
-               train=lambda m, metric=metric: kd(m, f"d-{metric}"), saved=f"d-{metric}")
+               saved=f"d-{metric}")
     # 2. importance kinds ----------------------------------------------------------------
     for kind in ("activation", "magnitude", "random"):
         st.row("2 importance (zero-shot)", kind, lambda kind=kind: st.pruned(width, kind))
     for kind in ("magnitude", "random"):
-        st.row("2 importance (distilled)", kind, lambda kind=kind: st.pruned(width, kind), train=lambda m, kind=kind: kd(m, f"w-{kind}"), saved=f"w-{kind}")
+        st.row("2 importance (distilled)", kind, lambda kind=kind: st.pruned(width, kind), saved=f"w-{kind}")
     # 3. aggregations, zero-shot ---------------------------------------------------------
     for agg in ("mean,l2", "mean,mean", "l2,l2", "var,var"):
         st.row("3 aggregation (zero-shot)", f"seq {agg.split(',')[0]}, batch {agg.split(',')[1]}",
@@ -279,7 +278,7 @@ def main():
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(st.adapter.new_config(plan), dtype=torch.float32)
 
-    st.row("4 training objective", "random init + distillation", random_init, train=lambda m: kd(m, "w-random-init"), saved="w-random-init")
+    st.row("4 training objective", "random init + distillation", random_init, saved="w-random-init")
     # 5. teacher correction on Shakespeare -----------------------------------------------------
     train_txt, held_txt = str(st.data_dir / "shakespeare-train.txt"), str(st.data_dir / "shakespeare-heldout.txt")
     st.row("5 teacher correction", "original teacher (reference)", lambda: st.teacher, extra_ppl=held_txt)
@@ -314,13 +313,10 @@ def main():
                                             warmup=4, seed=0, heldout=4, tensorboard=False))
     best = ranking[0]
     win = Targets(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
-    st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), train=lambda m: kd(m, "search-winner"),
-           saved="search-winner")
-    st.row("6 search vs hand-picked", "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(width), train=lambda m: kd(m, "w-act-2"),
-           saved="w-act-2")
+    st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), saved="search-winner")
+    st.row("6 search vs hand-picked", "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(width), saved="w-act-2")
     for name, t in HAND_SHAPES.items():
-        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(Targets(**t)), train=lambda m, name=name: kd(m, name),
-               saved=name)
+        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(Targets(**t)), saved=name)
     write_tables(st, ranking)
 
 

@@ -369,7 +369,9 @@ def _run(accelerator, **kw) -> DistillResult:
     # Under FSDP2 / ZeRO-3 weights are gathered by module calls: the loss checkpoints its chunks
     # instead of using the head weight directly, and AdamW keeps torch's default implementation.
     sharded = shards_parameters(accelerator)
-    if sharded and main and accelerator.distributed_type.value == "FSDP":
+    from accelerate.utils import DistributedType
+
+    if main and accelerator.distributed_type == DistributedType.FSDP:
         print("warning: FSDP2 has not yet passed a GPU run of slimlm (it failed once with torch 2.11; "
               "see configs/accelerate/README.md); one GPU or DDP are tested", file=sys.stderr, flush=True)
     objective = StudentObjective(

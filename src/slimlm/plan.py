@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import Shape
+from .config import PruneConfig
 from .errors import SlimlmError
 
 
@@ -92,26 +93,10 @@ def parse_layer_range(text: str, n_layers: int) -> list[int]:
     return sorted(drop)
 
 
-@dataclass
-class Targets:
-    """What the user asked for; None keeps that axis whole."""
-
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    layers: int | None = None
-    drop_layers: str | None = None
-    depth_metric: str = "block"
-
-    def any_depth(self) -> bool:
-        return self.layers is not None or bool(self.drop_layers)
-
-
 DEPTH_METRICS = ("block", "loss", "bi")
 
 
-def validate_targets(t: Targets, shape: Shape) -> None:
+def validate_targets(t: PruneConfig, shape: Shape) -> None:
     """Every size check, before any work starts."""
 
     def check(name, value, upper):
@@ -147,7 +132,7 @@ def validate_targets(t: Targets, shape: Shape) -> None:
         )
 
 
-def target_shape(t: Targets, shape: Shape) -> Shape:
+def target_shape(t: PruneConfig, shape: Shape) -> Shape:
     """The shape `t` asks for (call after `validate_targets`)."""
     kv = t.kv_heads or shape.kv_heads
     if t.drop_layers:
@@ -190,7 +175,7 @@ def choose_heads(head_scores: torch.Tensor, n_kv: int, keep_heads: int, keep_kv:
     return heads, kv
 
 
-def make_plan(scores, shape: Shape, targets: Targets, kept_layers: list[int] | None = None) -> PrunePlan:
+def make_plan(scores, shape: Shape, targets: PruneConfig, kept_layers: list[int] | None = None) -> PrunePlan:
     """Kept indices from importance scores (see importance.Scores) and target sizes.
 
     `kept_layers` overrides the depth choice (computed by the caller when it needs a
@@ -217,7 +202,7 @@ def make_plan(scores, shape: Shape, targets: Targets, kept_layers: list[int] | N
     )
 
 
-def choose_layers(scores, shape: Shape, targets: Targets) -> list[int]:
+def choose_layers(scores, shape: Shape, targets: PruneConfig) -> list[int]:
     """Layers to keep by a per-layer depth score (higher = more important)."""
     if targets.drop_layers:
         drop = set(parse_layer_range(targets.drop_layers, shape.layers))

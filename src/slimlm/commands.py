@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._cli import JsonOut, Model, Only, Overwrite, emit_json, fmt_params, settings_command
-from .config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig
+from ._cli import DryRun, JsonOut, Model, Only, Overwrite, emit_json, fmt_params, print_memory_plans, settings_command
+from .config import DistillConfig, ImportanceConfig, MemoryConfig, PruneConfig, SearchConfig
 
 console = Console(stderr=True)
 
@@ -114,17 +114,26 @@ def search(
         emit_json(result)
 
 
+@settings_command
 def run_command(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the embedded SmolLM2-135M recipe).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default: runs/<recipe name>).")] = None,
     from_stage: Annotated[Optional[str], typer.Option(
         "--from", help="Redo from this stage: correct, importance, prune, distill, align, eval, report.")] = None,
+    memory: MemoryConfig = None,
+    dry_run: DryRun = False,
     json_out: JsonOut = False,
 ):
     """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> align -> eval -> report (resumable)."""
     from .evaluate.compare import comparison_table
     from .pipeline import run
 
+    if dry_run:
+        from .memory import plan_run
+        from .recipe import load_recipe
+
+        print_memory_plans(plan_run(load_recipe(recipe)[0], memory), json_out)
+        return
     summary = run(recipe, output, from_stage=from_stage)
     Console().print(comparison_table(summary["results"], title=f"before / after ({summary['run']})"))
     if summary["report"]:

@@ -411,6 +411,19 @@ class EvalConfig(Settings):
 
 
 @dataclass(frozen=True)
+class MemoryConfig(Settings):
+    """How `--dry-run` plans memory: for which set-up and which devices (nothing is loaded or run)."""
+
+    device_memory: Optional[str] = setting(
+        None, "Memory per device to plan for, e.g. 80GB (default: this machine's GPU, else its RAM).", recipe=False)
+    accelerate_config: Optional[str] = setting(
+        None, "Plan for this Accelerate config (backend, processes, precision) instead of this machine.",
+        recipe=False)
+    processes: Optional[int] = setting(None, "Plan for this many processes (default: the Accelerate config's).",
+                                       min=1, recipe=False)
+
+
+@dataclass(frozen=True)
 class ReportConfig(Settings):
     """The pipeline's report stage."""
 

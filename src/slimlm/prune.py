@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from ._io import atomic_dir
 from .adapters import Adapter, get_adapter
+from .adapters.base import EXPERT, NESTED_AXES
 from .errors import SlimlmError
 from .plan import PrunePlan
 
@@ -40,6 +41,8 @@ def prune_tensors(
     """Slice each (name, tensor); tensors of removed layers are dropped, layers renumbered."""
     new_index = {old: new for new, old in enumerate(plan.kept_layers)}
     for name, tensor in tensors:
+        if adapter.is_ignored(name):
+            continue
         layer, rule = adapter.tensor_rule(name)
         if layer is not None:
             if layer not in new_index:
@@ -47,13 +50,35 @@ def prune_tensors(
             out_name = adapter.rename(name, new_index[layer])
         else:
             out_name = name
-        out = tensor
-        for dim, axis in rule.items():
-            index = adapter.axis_index(axis, layer, plan)
-            if index is not None:
-                out = out.index_select(dim, index.to(out.device))
-        out = adapter.adjust_tensor(name, out, plan, new_config)
-        yield out_name, out.contiguous()
+        yield out_name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name)
+
+
+def slice_tensor(tensor, rule, layer, adapter: Adapter, plan: PrunePlan, new_config, name: str) -> torch.Tensor:
+    """One tensor sliced along every dimension its rule names."""
+    out = tensor
+    expert_dim = next((d for d, axis in rule.items() if axis == EXPERT), None)
+    # Per-expert (nested) axes index the experts already kept, so they come last.
+    for dim, axis in sorted(rule.items(), key=lambda item: item[1] in NESTED_AXES):
+        index = adapter.axis_index(axis, layer, plan)
+        if index is None:
+            continue
+        index = index.to(out.device)
+        if axis in NESTED_AXES:
+            out = _gather_per_expert(out, expert_dim, dim, index)
+        else:
+            out = out.index_select(dim, index)
+    out = adapter.adjust_tensor(name, out, plan, new_config)
+    return out.contiguous()
+
+
+def _gather_per_expert(t: torch.Tensor, expert_dim: int, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Along `dim`, keep index[e] in the e-th expert (experts along `expert_dim`); index is [experts, n]."""
+    shape = [1] * t.dim()
+    shape[expert_dim], shape[dim] = index.shape
+    view = (index if expert_dim < dim else index.T).reshape(shape)
+    target = list(t.shape)
+    target[dim] = index.shape[1]
+    return t.gather(dim, view.expand(target))
 
 
 def _new_empty_model(config, dtype):

@@ -38,7 +38,11 @@ def count_parameters(config) -> dict:
 
 
 def info(model: str) -> dict:
-    """Architecture, shape and parameter counts of a model (no weights are loaded)."""
+    """Architecture, shape and parameter counts of a model (no weights are loaded).
+
+    `active_parameters` counts what one token uses (of the routed experts only the
+    top-k); it equals `parameters` for a dense model.
+    """
     config = load_config(model)
     adapter = get_adapter(config)
     shape = adapter.shape()
@@ -50,6 +54,7 @@ def info(model: str) -> dict:
         **shape.as_dict(),
         "parameters": params["total"],
         "parameters_without_embeddings": params["non_embedding"],
+        "active_parameters": adapter.param_count(shape, active=True),
     }
 
 
@@ -191,6 +196,11 @@ def prune(
     layers: int | None = None,
     drop_layers: str | None = None,
     depth_metric: str = "block",
+    experts: int | None = None,
+    moe_ffn: int | None = None,
+    shared_ffn: int | None = None,
+    mamba_heads: int | None = None,
+    expert_importance: str | None = None,
     scores: str | Path | Scores | None = None,
     save_scores: str | Path | None = None,
     data: str | None = None,
@@ -211,9 +221,13 @@ def prune(
 
     Returns a summary (plan, shapes, parameter counts, output path).  With `scores`
     (a file or a Scores object) no forward pass runs, except for the contiguous-block
-    depth metric at a block size the scores do not hold yet.
+    depth metric at a block size the scores do not hold yet.  Mixture-of-experts
+    models also take `experts` (kept per MoE layer), `moe_ffn` (neurons per expert),
+    `shared_ffn` (shared expert) and `expert_importance` (reap, frequency, magnitude,
+    random); hybrids take `mamba_heads`.
     """
-    targets = Targets(hidden, ffn, heads, kv_heads, layers, drop_layers, depth_metric)
+    targets = Targets(hidden, ffn, heads, kv_heads, layers, drop_layers, depth_metric,
+                      experts, moe_ffn, shared_ffn, mamba_heads, expert_importance)
     # -- validate everything before any work -------------------------------------------
     _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
     out = check_writable_output(output, overwrite)
@@ -231,6 +245,11 @@ def prune(
         loaded_scores = scores
     elif scores is not None:
         loaded_scores = Scores.load(scores)
+    if expert_importance in ("reap", "frequency") and shape.experts:
+        if loaded_scores is not None:
+            loaded_scores.expert_scores(expert_importance)  # errors now if missing
+        elif importance_kind != "activation":
+            raise SlimlmError(f"--expert-importance {expert_importance} needs --importance activation")
     if loaded_scores is not None:
         loaded_scores.check_matches(shape)
         if depth_metric in ("loss", "bi") and k_drop and loaded_scores.meta.get("importance", "activation") == "activation":
@@ -300,6 +319,8 @@ def prune(
         "shape": new_shape.as_dict(),
         "parameters_before": adapter.param_count(shape),
         "parameters_after": adapter.param_count(new_shape),
+        "active_parameters_before": adapter.param_count(shape, active=True),
+        "active_parameters_after": adapter.param_count(new_shape, active=True),
         "kept_layers": plan.kept_layers,
         "importance": loaded_scores.meta.get("importance"),
         "sliced": how,

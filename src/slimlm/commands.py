@@ -33,9 +33,13 @@ def info(
         emit_json(result)
         return
     table = Table(title=f"{model}", show_header=False)
-    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied"):
-        table.add_row(key, str(result[key]))
+    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied",
+                "experts", "experts_per_token", "moe_ffn", "shared_ffn", "mamba_heads", "mamba_head_dim", "mamba_groups"):
+        if key in result:
+            table.add_row(key, str(result[key]))
     table.add_row("parameters", f"{result['parameters']:,} ({_fmt_params(result['parameters'])})")
+    if result["active_parameters"] != result["parameters"]:
+        table.add_row("active per token", f"{result['active_parameters']:,} ({_fmt_params(result['active_parameters'])})")
     table.add_row("without embeddings", f"{result['parameters_without_embeddings']:,} ({_fmt_params(result['parameters_without_embeddings'])})")
     Console().print(table)
 
@@ -94,6 +98,11 @@ def prune(
     layers: Optional[int] = typer.Option(None, help="Layers to keep, chosen by --depth-metric."),
     drop_layers: Optional[str] = typer.Option(None, help="Layers to remove by index, e.g. 20-25 or 3,7 (0-based, inclusive)."),
     depth_metric: str = typer.Option("block", help="block (best contiguous block by LM loss), loss (one layer out), bi (block importance)."),
+    experts: Optional[int] = typer.Option(None, help="MoE: routed experts to keep in every MoE layer (router rows sliced, top-k clamped)."),
+    moe_ffn: Optional[int] = typer.Option(None, help="MoE: neurons to keep in every routed expert (each keeps its own best)."),
+    shared_ffn: Optional[int] = typer.Option(None, help="MoE: neurons to keep in the shared expert."),
+    mamba_heads: Optional[int] = typer.Option(None, help="Hybrids: Mamba heads to keep in every Mamba layer (same number in every group)."),
+    expert_importance: Optional[str] = typer.Option(None, help="Expert ranking: reap (router-weighted activation norm, default), frequency, magnitude, random."),
     scores: Optional[Path] = typer.Option(None, help="Reuse a scores file from `slimlm importance` (no forward pass)."),
     save_scores: Optional[Path] = typer.Option(None, help="Also save the scores computed here."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
@@ -113,7 +122,8 @@ def prune(
     """Prune a model in width and/or depth and write a standard Hugging Face checkpoint."""
     result = api.prune(
         model, output, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
-        drop_layers=drop_layers, depth_metric=depth_metric, scores=scores, save_scores=save_scores, data=data,
+        drop_layers=drop_layers, depth_metric=depth_metric, experts=experts, moe_ffn=moe_ffn, shared_ffn=shared_ffn,
+        mamba_heads=mamba_heads, expert_importance=expert_importance, scores=scores, save_scores=save_scores, data=data,
         text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, heldout=heldout, batch_size=batch_size,
         importance_kind=importance_kind, aggregation=aggregation, seed=seed, dtype=dtype, device_map=device_map,
         overwrite=overwrite,
@@ -122,8 +132,11 @@ def prune(
     s0, s1 = result["source_shape"], result["shape"]
     console.print(
         f"[green]pruned[/green] {model} -> {output}: layers {s0['layers']}->{s1['layers']}, hidden {s0['hidden']}->{s1['hidden']}, "
-        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}; "
-        f"parameters {_fmt_params(b)} -> {_fmt_params(a)} ({a / b:.1%})"
+        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}"
+        + "".join(f", {k} {s0[k]}->{s1[k]}" for k in ("experts", "moe_ffn", "shared_ffn", "mamba_heads") if k in s0)
+        + f"; parameters {_fmt_params(b)} -> {_fmt_params(a)} ({a / b:.1%})"
+        + (f", active {_fmt_params(result['active_parameters_before'])} -> {_fmt_params(result['active_parameters_after'])}"
+           if "experts" in s0 else "")
     )
     if json_out:
         emit_json(result)

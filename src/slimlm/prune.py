@@ -96,10 +96,11 @@ def prune_model(model, plan: PrunePlan):
     state = dict(prune_tensors(model.state_dict().items(), adapter, plan, new_config))
     dtype = next(model.parameters()).dtype
     new = _new_empty_model(new_config, dtype)
-    if getattr(new_config, "tie_word_embeddings", False):
+    tied = adapter.shape(new_config).tied
+    if tied:
         state.pop("lm_head.weight", None)
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(new_config, "tie_word_embeddings", False))]
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise RuntimeError(f"pruned state does not fit the new config: missing {missing}, unexpected {unexpected}")
     new.tie_weights()
@@ -169,7 +170,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     config = AutoConfig.from_pretrained(source_dir)
     adapter = get_adapter(config)
     new_config = adapter.new_config(plan)
-    tied = bool(getattr(new_config, "tie_word_embeddings", False))
+    tied = adapter.shape(new_config).tied
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_dir(out) as tmp:

@@ -118,6 +118,21 @@ class Shape:
 _DENSE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied")
 
 
+#: optional biases of Llama-style attention and MLP projections (families opt in with a config flag)
+ATTENTION_BIASES = {
+    "self_attn.q_proj.bias": {0: Q},
+    "self_attn.k_proj.bias": {0: KV},
+    "self_attn.v_proj.bias": {0: KV},
+    "self_attn.o_proj.bias": {0: HIDDEN},
+}
+MLP_BIASES = {"mlp.gate_proj.bias": {0: FFN}, "mlp.up_proj.bias": {0: FFN}, "mlp.down_proj.bias": {0: HIDDEN}}
+
+
+def flagged(rules: dict, config_key: str) -> dict[str, str]:
+    """{tensor: config_key} for `optional_tensors`: these tensors exist when the key is true."""
+    return {name: config_key for name in rules}
+
+
 def with_tensors(table: dict, **blocks: dict) -> dict:
     """`table` (block -> {tensor: rule}) with tensors added to (or replaced in) some blocks."""
     out = {name: dict(rules) for name, rules in table.items()}
@@ -169,6 +184,10 @@ class Adapter:
     }
     #: tensors that exist only when a config flag is true (biases): relative name -> config key
     optional_tensors: dict[str, str] = {}
+    #: relative names of persistent buffers: sliced like weights, not counted as parameters
+    buffer_tensors: tuple[str, ...] = ()
+    #: False where the model class never ties its LM head to the embedding, whatever the config says
+    ties_embeddings = True
     #: checkpoint tensors the model itself ignores on load (dropped when pruning from disk)
     ignored_prefixes: tuple[str, ...] = ()
     #: Shape field -> config key holding it (None: the family has no such size)
@@ -216,7 +235,7 @@ class Adapter:
         values = {f.name: self._read(c, f.name) for f in fields(Shape) if f.name in self.config_keys}
         values["kv_heads"] = values.get("kv_heads") or heads
         values["head_dim"] = values.get("head_dim") or (hidden // heads if heads else 0)
-        values["tied"] = bool(getattr(c, "tie_word_embeddings", False))
+        values["tied"] = self.ties_embeddings and bool(getattr(c, "tie_word_embeddings", False))
         values["layer_blocks"] = self.layer_blocks(c)
         values.setdefault("ffn", 0)
         values["layers"] = len(values["layer_blocks"]) or values["layers"]
@@ -379,6 +398,9 @@ class Adapter:
         }
 
     def has_tensor(self, name: str) -> bool:
+        """Whether a parameter of that name exists in this model (buffers do not count)."""
+        if name in self.buffer_tensors:
+            return False
         key = self.optional_tensors.get(name)
         return key is None or bool(getattr(self.config, key, False))
 

@@ -38,32 +38,42 @@ TOKENIZER_FILES = (
 def prune_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, plan: PrunePlan, new_config
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Slice each (name, tensor); tensors of removed layers are dropped, layers renumbered."""
+    """Slice each (name, tensor); tensors of removed layers and experts are dropped, the rest renumbered.
+
+    Names may be in-memory ones or a checkpoint's (one tensor per expert, renamed prefixes).
+    """
     new_index = {old: new for new, old in enumerate(plan.kept_layers)}
     for name, tensor in tensors:
         if adapter.is_ignored(name):
             continue
-        layer, rule = adapter.tensor_rule(name)
-        if layer is not None:
-            if layer not in new_index:
+        layer, rule, expert = adapter.locate(name)
+        if layer is None:
+            yield name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name)
+            continue
+        if layer not in new_index:
+            continue
+        position = None
+        if expert is not None:  # one expert's own tensor, as checkpoints store them
+            kept = plan.kept_experts[layer]
+            if expert not in kept:
                 continue
-            out_name = adapter.rename(name, new_index[layer])
-        else:
-            out_name = name
-        yield out_name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name)
+            position = kept.index(expert)
+        out_name = adapter.rename(name, new_index[layer], position)
+        yield out_name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name, position)
 
 
-def slice_tensor(tensor, rule, layer, adapter: Adapter, plan: PrunePlan, new_config, name: str) -> torch.Tensor:
-    """One tensor sliced along every dimension its rule names."""
+def slice_tensor(tensor, rule, layer, adapter: Adapter, plan: PrunePlan, new_config, name: str,
+                 expert: int | None = None) -> torch.Tensor:
+    """One tensor sliced along every dimension its rule names (`expert`: a single expert's tensor)."""
     out = tensor
     expert_dim = next((d for d, axis in rule.items() if axis == EXPERT), None)
     # Per-expert (nested) axes index the experts already kept, so they come last.
     for dim, axis in sorted(rule.items(), key=lambda item: item[1] in NESTED_AXES):
-        index = adapter.axis_index(axis, layer, plan)
+        index = adapter.axis_index(axis, layer, plan, expert)
         if index is None:
             continue
         index = index.to(out.device)
-        if axis in NESTED_AXES:
+        if axis in NESTED_AXES and expert is None:
             out = _gather_per_expert(out, expert_dim, dim, index)
         else:
             out = out.index_select(dim, index)

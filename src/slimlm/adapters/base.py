@@ -20,6 +20,7 @@ those axes; they never name a family.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -190,6 +191,13 @@ class Adapter:
     ties_embeddings = True
     #: checkpoint tensors the model itself ignores on load (dropped when pruning from disk)
     ignored_prefixes: tuple[str, ...] = ()
+    #: name fragments transformers renames when loading a checkpoint: (on disk, in memory)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    #: routed experts as checkpoints store them, one 2-D tensor per expert ("{e}": the expert's
+    #: number), in-memory names relative to a layer; transformers stacks them into the 3-D
+    #: tensors on load and splits them again on save.  Their per-expert axes mean "this
+    #: expert's neurons".
+    checkpoint_expert_tensors: dict[str, dict[int, str]] = {}
     #: Shape field -> config key holding it (None: the family has no such size)
     config_keys: dict[str, str | None] = {
         "layers": "num_hidden_layers",
@@ -296,18 +304,37 @@ class Adapter:
             return None, self.top_tensors[name]
         raise SlimlmError(f"{type(self).__name__} does not know the tensor '{name}'; cannot prune this checkpoint")
 
+    def locate(self, name: str) -> tuple[int | None, dict[int, str], int | None]:
+        """(layer, {dim: axis}, expert number or None) of a tensor, by its in-memory or checkpoint name."""
+        memory = name
+        for on_disk, in_memory in self.checkpoint_renames:
+            memory = memory.replace(on_disk, in_memory, 1)
+        prefix = self.layers_path + "."
+        if self.checkpoint_expert_tensors and memory.startswith(prefix):
+            idx, _, rest = memory[len(prefix) :].partition(".")
+            number = _EXPERT_NUMBER.search(rest)
+            if number:
+                pattern = f"{rest[: number.start(1)]}{{e}}{rest[number.end(1) :]}"
+                if pattern in self.checkpoint_expert_tensors:
+                    return int(idx), self.checkpoint_expert_tensors[pattern], int(number.group(1))
+        layer, rule = self.tensor_rule(memory)
+        return layer, rule, None
+
     def is_ignored(self, name: str) -> bool:
         return name.startswith(self.ignored_prefixes) if self.ignored_prefixes else False
 
-    def rename(self, name: str, new_layer_index: int) -> str:
-        prefix = self.layers_path + "."
-        rest = name[len(prefix) :].partition(".")[2]
-        return f"{prefix}{new_layer_index}.{rest}"
+    def rename(self, name: str, new_layer_index: int, new_expert_index: int | None = None) -> str:
+        """`name` with its layer (and expert) renumbered; works on in-memory and checkpoint names."""
+        name = _LAYER_NUMBER.sub(str(new_layer_index), name, count=1)
+        if new_expert_index is not None:
+            name = _EXPERT_NUMBER.sub(str(new_expert_index), name, count=1)
+        return name
 
-    def axis_index(self, axis: str, layer: int | None, plan) -> torch.Tensor | None:
+    def axis_index(self, axis: str, layer: int | None, plan, expert: int | None = None) -> torch.Tensor | None:
         """The kept positions along one tensor dimension (None: keep the whole dimension).
 
-        Nested axes (each expert's neurons) give a [kept experts, kept positions] index.
+        Nested axes (each expert's neurons) give a [kept experts, kept positions] index, or,
+        for one expert's own tensor (`expert`: its position among the kept experts), its row.
         """
         s = plan.source_shape
         hd = s.head_dim
@@ -333,6 +360,8 @@ class Adapter:
             return torch.tensor(plan.kept_experts[layer], dtype=torch.long)
         if axis in NESTED_AXES:
             per_expert = plan.expert_neurons(layer)  # [kept experts, kept neurons]
+            if expert is not None:
+                return per_expert[expert]
             if axis == EXPERT_GATE_UP:
                 return torch.cat([per_expert, per_expert + s.moe_ffn], dim=1)
             if axis == EXPERT_GATE_UP_INTERLEAVED:
@@ -435,6 +464,10 @@ class Adapter:
         for layer in range(shape.layers):
             total += per_block.get("norms", 0) + sum(per_block.get(b, 0) for b in shape.blocks(layer))
         return round(total)
+
+
+_LAYER_NUMBER = re.compile(r"(?<=layers\.)\d+(?=\.)")
+_EXPERT_NUMBER = re.compile(r"(?<=experts\.)(\d+)(?=\.)")
 
 
 def _has(module: nn.Module, path: str) -> bool:

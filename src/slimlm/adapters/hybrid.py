@@ -36,6 +36,7 @@ from .base import (
     flagged,
 )
 from ..errors import SlimlmError
+from .moe import check_expert_alignment
 
 MAMBA_KEYS_NEMOTRON = {
     "mamba_heads": "mamba_num_heads",
@@ -108,6 +109,11 @@ class NemotronHAdapter(Adapter):
         "mixer.out_proj.bias": "use_bias",
         "mixer.conv1d.bias": "use_conv_bias",
     }
+    checkpoint_renames = (("backbone.", "model."),)
+    checkpoint_expert_tensors = {
+        "mixer.experts.{e}.up_proj.weight": {0: EXPERT_FFN, 1: HIDDEN},
+        "mixer.experts.{e}.down_proj.weight": {0: HIDDEN, 1: EXPERT_FFN},
+    }
     buffer_tensors = ("mixer.gate.e_score_correction_bias",)
     ties_embeddings = False  # NemotronHForCausalLM declares no tied weights
     #: multi-token-prediction weights, which the model ignores on load
@@ -134,6 +140,8 @@ class NemotronHAdapter(Adapter):
 
     def validate_shape(self, shape):
         super().validate_shape(shape)
+        if shape.layers_with("moe"):
+            check_expert_alignment(shape)
         groups = shape.expert_groups
         if shape.experts and groups > 1:
             per_group = shape.experts // groups

@@ -35,13 +35,36 @@ ROUTED_EXPERTS = {
     "mlp.experts.down_proj": {0: EXPERT, 1: HIDDEN, 2: EXPERT_FFN},
 }
 
+#: the same experts as checkpoints store them: one gate, up and down matrix per expert
+CHECKPOINT_EXPERTS = {
+    "mlp.experts.{e}.gate_proj.weight": {0: EXPERT_FFN, 1: HIDDEN},
+    "mlp.experts.{e}.up_proj.weight": {0: EXPERT_FFN, 1: HIDDEN},
+    "mlp.experts.{e}.down_proj.weight": {0: HIDDEN, 1: EXPERT_FFN},
+}
+
 MOE_KEYS = {"experts": "num_experts", "experts_per_token": "num_experts_per_tok", "moe_ffn": "moe_intermediate_size"}
+
+
+def check_expert_alignment(shape) -> None:
+    """transformers runs experts with torch's grouped_mm by default, which needs 16-byte aligned
+    rows (seen with torch 2.13 on CPU: "strides should be multiple of 16 bytes"): multiples of 8 in bf16."""
+    for name, value in (("hidden", shape.hidden), ("moe-ffn", shape.moe_ffn)):
+        if value % 8:
+            raise SlimlmError(
+                f"--{name} {value}: mixture-of-experts models need the hidden and expert sizes divisible by 8 "
+                "(transformers' default grouped_mm expert kernel needs 16-byte aligned rows)"
+            )
 
 
 class MoEAdapter(Adapter):
     """Every layer: attention + routed experts (no dense MLP)."""
 
     experts_module = "mlp.experts"
+    checkpoint_expert_tensors = CHECKPOINT_EXPERTS
+
+    def validate_shape(self, shape):
+        super().validate_shape(shape)
+        check_expert_alignment(shape)
     layer_tensors = {"norms": Adapter.layer_tensors["norms"], "attention": Adapter.layer_tensors["attention"], "moe": ROUTED_EXPERTS}
     moe_blocks = "attention+moe"
 
@@ -109,6 +132,12 @@ class MixtralAdapter(MoEAdapter):
     """Mixtral: every layer routes; the experts' size is `intermediate_size`; the router renormalises the top-k."""
 
     model_types = ("mixtral",)
+    checkpoint_renames = ((".block_sparse_moe.", ".mlp."),)
+    checkpoint_expert_tensors = {
+        "mlp.experts.{e}.w1.weight": {0: EXPERT_FFN, 1: HIDDEN},  # gate
+        "mlp.experts.{e}.w3.weight": {0: EXPERT_FFN, 1: HIDDEN},  # up
+        "mlp.experts.{e}.w2.weight": {0: HIDDEN, 1: EXPERT_FFN},  # down
+    }
     config_keys = {
         **Adapter.config_keys,
         "ffn": None,
@@ -146,6 +175,7 @@ class GptOssAdapter(MoEAdapter):
     softmaxed (renormalised); one attention sink per query head."""
 
     model_types = ("gpt_oss",)
+    checkpoint_expert_tensors = {}  # gpt-oss checkpoints keep the 3-D layout
     config_keys = MixtralAdapter.config_keys
     layer_tensors = with_tensors(
         MoEAdapter.layer_tensors,

@@ -58,7 +58,7 @@ def test_keep_everything_reproduces_logits_and_reloads(family, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         assert (again(IDS).logits - model(IDS).logits).abs().max().item() < 1e-4
-    out = again.generate(IDS[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True)
+    out = again.generate(IDS[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
     assert out.shape == (1, 9)
 
 
@@ -78,7 +78,7 @@ def test_every_axis_pruned_saves_reloads_and_generates(family, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(again(IDS).logits, new(IDS).logits, atol=1e-5)
-    assert again.generate(IDS[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True).shape == (1, 9)
+    assert again.generate(IDS[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True).shape == (1, 9)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

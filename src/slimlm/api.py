@@ -296,6 +296,7 @@ def prune(
 
     # -- plan and slicing ------------------------------------------------------------------
     plan = make_plan(loaded_scores, shape, targets)
+    adapter.validate_shape(plan.target_shape)  # the kept layer pattern is known only now (hybrids)
     prov = provenance(plan, model, loaded_scores.meta, {k: v for k, v in asdict(targets).items() if v is not None})
     source_dir = resolve_model_path(model)
     local = Path(source_dir).is_dir()

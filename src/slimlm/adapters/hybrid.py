@@ -140,6 +140,11 @@ class NemotronHAdapter(Adapter):
 
     def validate_shape(self, shape):
         super().validate_shape(shape)
+        if shape.layer_blocks and not shape.layers_with("attention"):
+            raise SlimlmError(
+                "the pruned nemotron_h would keep no attention layer, which transformers cannot run with a cache; "
+                "keep at least one attention layer"
+            )
         if shape.layers_with("moe"):
             check_expert_alignment(shape)
         groups = shape.expert_groups

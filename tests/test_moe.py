@@ -148,9 +148,15 @@ def test_the_hook_recomputes_what_the_experts_module_computes(family, implementa
         torch.testing.assert_close(want, out.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_reap_frequency_and_expert_neurons_equal_hand_computation():
+SEQ_BY_HAND = {"mean": lambda x: x.abs().mean(0), "l2": lambda x: x.norm(dim=0), "var": lambda x: x.var(0, unbiased=False)}
+BATCH_BY_HAND = {"l2": lambda v: v.norm(dim=0), "mean": lambda v: v.mean(0), "var": lambda v: v.var(0, unbiased=False)}
+
+
+@pytest.mark.parametrize("agg", ["mean,l2", "l2,mean", "var,var"])
+def test_reap_frequency_and_expert_neurons_equal_hand_computation(agg):
+    seq, batch = agg.split(",")
     model = tiny_model("qwen3_moe")
-    scores = estimate_importance(model, WINDOWS, aggregation="mean,l2", batch_size=3, progress=False)
+    scores = estimate_importance(model, WINDOWS, aggregation=agg, batch_size=3, progress=False)
     routing = _capture_routing(model, WINDOWS)
     moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
     assert len(routing) == len(moe_layers) == scores.experts["reap"].shape[0] == 3
@@ -164,10 +170,11 @@ def test_reap_frequency_and_expert_neurons_equal_hand_computation():
             reap = (weights[token, slot] * out.norm(dim=-1)).mean() if len(token) else torch.tensor(0.0)
             assert scores.experts["reap"][row, e].item() == pytest.approx(reap.item(), rel=1e-4, abs=1e-7)
             assert scores.experts["frequency"][row, e].item() == pytest.approx(len(token) / len(hidden), rel=1e-6)
-            # neurons: mean |activation| over each window's routed tokens, then L2 over windows
+            # neurons: the sequence reduction over each window's routed tokens, then the batch one over windows
             window = token // WINDOWS.shape[1]
-            per_window = torch.stack([inner[window == w].abs().mean(0) for w in window.unique()])
-            torch.testing.assert_close(scores.expert_ffn[row, e], per_window.norm(dim=0), rtol=1e-4, atol=1e-6)
+            per_window = torch.stack([SEQ_BY_HAND[seq](inner[window == w].double()) for w in window.unique()])
+            want = BATCH_BY_HAND[batch](per_window).float()
+            torch.testing.assert_close(scores.expert_ffn[row, e], want, rtol=1e-4, atol=1e-6)
 
 
 def _silence(model, family, j):

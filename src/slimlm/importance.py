@@ -307,11 +307,9 @@ class _ExpertStats:
 
     def __init__(self, n_experts: int, seq_agg: str, windows: dict):
         self.n, self.seq_agg, self.windows = n_experts, seq_agg, windows
-        self.reap_sum = torch.zeros(n_experts, dtype=torch.float64)
-        self.routed = torch.zeros(n_experts, dtype=torch.float64)
         self.tokens = 0
-        self.sum = self.sumsq = None
-        self.window_count = torch.zeros(n_experts, dtype=torch.float64)
+        # Accumulated where the experts run (no device sync per expert), in float64 on CPU at the end.
+        self.reap_sum = self.routed = self.sum = self.sumsq = self.window_count = None
 
     def hook(self, module, args, kwargs):
         import inspect
@@ -328,14 +326,15 @@ class _ExpertStats:
             inner = expert_neurons(module, hidden[token], e).float()
             out = expert_output(module, inner.to(hidden.dtype), e).float()
             gate = weights[token, slot].float()
-            self.reap_sum[e] += (gate * out.norm(dim=-1)).sum().item()
-            self.routed[e] += len(token)
             v = self._per_window(inner, token // seq)
             if self.sum is None:
-                self.sum = torch.zeros(self.n, inner.shape[1], dtype=torch.float64)
-                self.sumsq = torch.zeros_like(self.sum)
-            self.sum[e] += v.sum(0).double().cpu()
-            self.sumsq[e] += (v * v).sum(0).double().cpu()
+                zeros = dict(dtype=torch.float32, device=inner.device)
+                self.reap_sum, self.routed, self.window_count = (torch.zeros(self.n, **zeros) for _ in range(3))
+                self.sum, self.sumsq = (torch.zeros(self.n, inner.shape[1], **zeros) for _ in range(2))
+            self.reap_sum[e] += (gate * out.norm(dim=-1)).sum()
+            self.routed[e] += len(token)
+            self.sum[e] += v.sum(0)
+            self.sumsq[e] += (v * v).sum(0)
             self.window_count[e] += v.shape[0]
 
     def _per_window(self, x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -353,13 +352,14 @@ class _ExpertStats:
         return (squares / count - mean * mean).clamp_min(0)
 
     def finalize(self, batch_agg: str, moe_ffn: int) -> dict[str, torch.Tensor]:
-        reap = (self.reap_sum / self.routed.clamp_min(1)).float()  # never routed: 0
-        frequency = (self.routed / max(self.tokens, 1)).float()
-        if self.sum is None:
-            neurons = torch.zeros(self.n, moe_ffn)
-        else:
-            neurons = _batch_reduce(self.sum, self.sumsq, self.window_count[:, None], batch_agg)
-            neurons[self.window_count == 0] = 0.0
+        if self.sum is None:  # no token reached this layer's experts
+            return {"reap": torch.zeros(self.n), "frequency": torch.zeros(self.n), "neurons": torch.zeros(self.n, moe_ffn)}
+        routed = self.routed.double().cpu()
+        reap = (self.reap_sum.double().cpu() / routed.clamp_min(1)).float()  # never routed: 0
+        frequency = (routed / max(self.tokens, 1)).float()
+        count = self.window_count.double().cpu()
+        neurons = _batch_reduce(self.sum, self.sumsq, count[:, None], batch_agg)
+        neurons[count == 0] = 0.0
         return {"reap": reap, "frequency": frequency, "neurons": neurons}
 
 
@@ -459,7 +459,8 @@ def activation_scores(
         done = [experts[i].finalize(batch_agg, shape.moe_ffn) for i in sorted(experts)]
         scores.experts = {kind: torch.stack([d[kind] for d in done]) for kind in ("reap", "frequency")}
         scores.expert_ffn = torch.stack([d["neurons"] for d in done])
-        scores.experts["magnitude"] = magnitude_scores(model, experts_only=True).experts["magnitude"]
+        if not any(p.is_meta for p in model.parameters()):  # weights offloaded to disk: no cheap baseline
+            scores.experts["magnitude"] = magnitude_scores(model, experts_only=True).experts["magnitude"]
     if shared:
         scores.shared_ffn = torch.stack([shared[i].finalize(batch_agg) for i in sorted(shared)])
     if mamba:

@@ -200,3 +200,16 @@ def test_mamba_head_magnitude_counts_each_heads_own_weights():
     want += sum(sd[p + n].pow(2) for n in ("A_log", "D", "dt_bias"))
     want += per_head(sd[p + "norm.weight"].pow(2)) + per_head(sd[p + "out_proj.weight"].pow(2).sum(0))
     torch.testing.assert_close(s.mamba_heads[2], want.sqrt(), rtol=1e-5, atol=0)
+
+
+def test_moe_and_mamba_plan_round_trips_through_json():
+    import json
+
+    from slimlm.plan import PrunePlan
+
+    model = tiny_model("nemotron_h")
+    plan = _plan(model, hidden=40, mamba_heads=4, experts=4, moe_ffn=16, shared_ffn=16, drop_layers="3")
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert set(data["kept_expert_ffn_masks"]) == {"1", "5"} and len(data["kept_expert_ffn_masks"]["1"]) == 4
+    assert PrunePlan.from_dict(data) == plan
+    assert data["target_shape"]["layer_blocks"] == ["mamba", "moe+shared", "attention", "mamba", "moe+shared"]

@@ -257,12 +257,10 @@ class Adapter:
         """The config of the pruned model described by `plan`."""
         new = plan.target_shape
         c = copy.deepcopy(self.config)
+        # Every size is written, head_dim included: hidden / heads no longer equals it.
         for field, key in self.config_keys.items():
-            if key is not None and field not in ("vocab", "layers"):
+            if key is not None:
                 setattr(c, key, getattr(new, field))
-        # head_dim is always explicit: hidden / heads no longer equals it
-        if self.config_keys.get("layers"):
-            setattr(c, self.config_keys["layers"], new.layers)
         self.trim_layer_keys(c, plan.kept_layers, plan.source_shape.layers)
         self.adjust_config(c, plan)
         for attr in ("_slimlm_source", "quantization_config"):

@@ -13,7 +13,8 @@ from slimlm.adapters import get_adapter
 from slimlm.distill import distill
 from slimlm.distill.modules import StudentObjective, TeacherForward, lm_head
 from slimlm.importance import random_scores
-from slimlm.plan import Targets, make_plan
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan
 from slimlm.prune import prune_model
 
 SEQ = 32
@@ -26,7 +27,7 @@ SEQ = 32
 def test_distill_a_pruned_moe_or_hybrid_student(family, targets, tmp_path, text_file):
     teacher = tiny_model(family)
     shape = get_adapter(teacher).shape()
-    student = prune_model(teacher, make_plan(random_scores(shape, seed=1), shape, Targets(**targets)))
+    student = prune_model(teacher, make_plan(random_scores(shape, seed=1), shape, PruneConfig(**targets)))
     for model, name in ((teacher, "teacher"), (student, "student")):
         model.save_pretrained(tmp_path / name)
         tiny_tokenizer().save_pretrained(tmp_path / name)

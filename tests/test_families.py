@@ -11,7 +11,8 @@ from conftest import ALL_FAMILIES, NEW_DENSE_FAMILIES, NEW_FAMILIES, tiny_config
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import estimate_importance, random_scores
-from slimlm.plan import Targets, make_plan
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan
 from slimlm.prune import prune_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -19,7 +20,7 @@ WINDOWS = torch.randint(3, 96, (6, 16), generator=torch.Generator().manual_seed(
 
 
 def every_axis(shape, family) -> dict:
-    """Targets that prune every axis the model has (and one layer)."""
+    """Target sizes that prune every axis the model has (and one layer)."""
     t = dict(hidden=36, heads=3, layers=shape.layers - 1, depth_metric="bi")
     if shape.experts:  # grouped_mm expert kernels want multiples of 8
         t.update(hidden=40)
@@ -51,7 +52,7 @@ def real_active(model) -> int:
 def test_keep_everything_reproduces_logits_and_reloads(family, tmp_path):
     model = tiny_model(family)
     shape = get_adapter(model).shape()
-    new = prune_model(model, make_plan(random_scores(shape, seed=3), shape, Targets()))
+    new = prune_model(model, make_plan(random_scores(shape, seed=3), shape, PruneConfig()))
     with torch.no_grad():
         assert (new(IDS).logits - model(IDS).logits).abs().max().item() < 1e-4
     new.save_pretrained(tmp_path)
@@ -67,7 +68,7 @@ def test_every_axis_pruned_saves_reloads_and_generates(family, tmp_path):
     model = tiny_model(family)
     adapter = get_adapter(model)
     shape = adapter.shape()
-    targets = Targets(**every_axis(shape, family))
+    targets = PruneConfig(**every_axis(shape, family))
     scores = estimate_importance(model, WINDOWS, batch_size=4, progress=False)
     plan = make_plan(scores, shape, targets)
     adapter.validate_shape(plan.target_shape)
@@ -88,7 +89,7 @@ def test_analytic_counts_total_and_active_equal_real(family):
     shape = adapter.shape()
     assert adapter.param_count(shape) == sum(p.numel() for p in model.parameters())
     assert adapter.param_count(shape, active=True) == real_active(model)
-    plan = make_plan(random_scores(shape, seed=1), shape, Targets(**every_axis(shape, family)))
+    plan = make_plan(random_scores(shape, seed=1), shape, PruneConfig(**every_axis(shape, family)))
     new = prune_model(model, plan)
     assert adapter.param_count(plan.target_shape) == sum(p.numel() for p in new.parameters())
     assert adapter.param_count(plan.target_shape, active=True) == real_active(new)
@@ -99,7 +100,7 @@ def test_analytic_counts_total_and_active_equal_real(family):
 def test_olmo2_qk_norms_are_sliced_with_their_heads():
     model = tiny_model("olmo2")
     shape = get_adapter(model).shape()
-    plan = make_plan(random_scores(shape, seed=2), shape, Targets(heads=2, kv_heads=1))
+    plan = make_plan(random_scores(shape, seed=2), shape, PruneConfig(heads=2, kv_heads=1))
     new = prune_model(model, plan)
     for i in range(4):
         q, kv = plan.kept_heads[i], plan.kept_kv_heads[i]
@@ -114,7 +115,7 @@ def test_olmo2_qk_norms_are_sliced_with_their_heads():
 def test_gemma2_scaled_embedding_and_softcapping_kept():
     model = tiny_model("gemma2")
     shape = get_adapter(model).shape()
-    plan = make_plan(random_scores(shape, seed=2), shape, Targets(hidden=36))
+    plan = make_plan(random_scores(shape, seed=2), shape, PruneConfig(hidden=36))
     new = prune_model(model, plan)
     H = torch.tensor(plan.kept_hidden)
     with torch.no_grad():  # the scaled embedding's output (weights x sqrt(hidden)) is unchanged on kept channels
@@ -128,7 +129,7 @@ def test_gemma2_scaled_embedding_and_softcapping_kept():
 def test_granite_multipliers_kept():
     model = tiny_model("granite")
     shape = get_adapter(model).shape()
-    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, Targets(hidden=40, ffn=40)))
+    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, PruneConfig(hidden=40, ffn=40)))
     for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
         assert getattr(new.config, key) == getattr(model.config, key) != 1.0
 
@@ -136,7 +137,7 @@ def test_granite_multipliers_kept():
 def test_smollm3_per_layer_lists_follow_depth_pruning():
     model = tiny_model("smollm3")
     shape = get_adapter(model).shape()
-    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, Targets(drop_layers="1-2")))
+    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, PruneConfig(drop_layers="1-2")))
     assert new.config.no_rope_layers == [model.config.no_rope_layers[i] for i in (0, 3)]
     assert new.config.layer_types == [model.config.layer_types[i] for i in (0, 3)]
     assert [layer.self_attn.use_rope for layer in new.model.layers] == [model.model.layers[i].self_attn.use_rope for i in (0, 3)]
@@ -149,7 +150,7 @@ def test_depth_pruned_dense_model_computes_the_original_without_those_layers(fam
     model = tiny_model(family)
     adapter = get_adapter(model)
     shape = adapter.shape()
-    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, Targets(drop_layers="1")))
+    new = prune_model(model, make_plan(random_scores(shape, seed=2), shape, PruneConfig(drop_layers="1")))
     with torch.no_grad(), layers_removed(model, adapter, {1}):
         ref = model(IDS, use_cache=False).logits
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_hidden_sizes_transformers_refuses_are_refused_up_front():
 
     adapter = get_adapter(tiny_config("gemma2"))
     with pytest.raises(SlimlmError, match="divisible"):
-        adapter.validate_shape(target_shape(Targets(hidden=40, heads=3), adapter.shape()))
+        adapter.validate_shape(target_shape(PruneConfig(hidden=40, heads=3), adapter.shape()))
     olmoe = get_adapter(tiny_config("olmoe"))
     with pytest.raises(SlimlmError, match="hidden = heads x head_dim"):
-        olmoe.validate_shape(target_shape(Targets(hidden=40), olmoe.shape()))
+        olmoe.validate_shape(target_shape(PruneConfig(hidden=40), olmoe.shape()))

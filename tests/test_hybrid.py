@@ -10,7 +10,8 @@ from conftest import tiny_model
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import estimate_importance, layers_removed, random_scores
-from slimlm.plan import Targets, make_plan
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan
 from slimlm.prune import prune_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -21,7 +22,7 @@ INNER = NH * HD
 
 def _plan(model, seed=3, **targets):
     shape = get_adapter(model).shape()
-    return make_plan(random_scores(shape, seed=seed), shape, Targets(**targets))
+    return make_plan(random_scores(shape, seed=seed), shape, PruneConfig(**targets))
 
 
 def _head_channels(heads):
@@ -95,7 +96,7 @@ def test_removing_mamba_heads_that_write_nothing_leaves_the_logits_unchanged():
     shape = get_adapter(model).shape()
     scores = random_scores(shape, seed=0)
     scores.mamba_heads[:, silent] = -1.0  # ranked last
-    new = prune_model(model, make_plan(scores, shape, Targets(mamba_heads=6)))
+    new = prune_model(model, make_plan(scores, shape, PruneConfig(mamba_heads=6)))
     assert all(heads == [0, 2, 3, 4, 5, 7] for heads in new_plan_heads(scores, shape))
     with torch.no_grad():
         torch.testing.assert_close(new(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
@@ -104,7 +105,7 @@ def test_removing_mamba_heads_that_write_nothing_leaves_the_logits_unchanged():
 
 
 def new_plan_heads(scores, shape):
-    return make_plan(scores, shape, Targets(mamba_heads=6)).kept_mamba_heads.values()
+    return make_plan(scores, shape, PruneConfig(mamba_heads=6)).kept_mamba_heads.values()
 
 
 def test_nemotron_h_depth_pruning_trims_the_layer_pattern(tmp_path):
@@ -139,13 +140,13 @@ def test_depth_metric_choice_on_a_hybrid_keeps_pattern_and_counts_consistent():
     model = tiny_model("nemotron_h")
     adapter = get_adapter(model)
     scores = estimate_importance(model, WINDOWS, batch_size=3, progress=False)
-    plan = make_plan(scores, adapter.shape(), Targets(layers=4, depth_metric="bi"))
+    plan = make_plan(scores, adapter.shape(), PruneConfig(layers=4, depth_metric="bi"))
     new = prune_model(model, plan)
     assert get_adapter(new).shape() == plan.target_shape
     assert adapter.param_count(plan.target_shape) == sum(p.numel() for p in new.parameters())
     from slimlm.plan import target_shape
 
-    unknown = target_shape(Targets(layers=4), adapter.shape())
+    unknown = target_shape(PruneConfig(layers=4), adapter.shape())
     assert unknown.layer_blocks == ()  # which layers stay is not known before the plan
     with pytest.raises(SlimlmError, match="layer pattern"):
         adapter.param_count(unknown)

@@ -13,7 +13,8 @@ from conftest import MOE_FAMILIES, run_cli, save_tiny, tiny_model
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import Scores, estimate_importance, expert_neurons, expert_output, random_scores
-from slimlm.plan import Targets, make_plan, top_per_group
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan, top_per_group
 from slimlm.prune import checkpoint_shards, prune_checkpoint, prune_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -26,7 +27,7 @@ CALIBRATION = torch.cat([WINDOWS, torch.cat([IDS, torch.randint(3, 96, (2, 4), g
 
 def _plan(model, seed=3, **targets):
     shape = get_adapter(model).shape()
-    return make_plan(random_scores(shape, seed=seed), shape, Targets(**targets))
+    return make_plan(random_scores(shape, seed=seed), shape, PruneConfig(**targets))
 
 
 def _experts_modules(model):
@@ -223,7 +224,7 @@ def test_a_never_routed_expert_is_ranked_last_and_dropped_first(family):
         table = scores.experts[kind]
         assert (table[:, j] == 0).all() and (table.argmin(dim=1) == j).all()
         assert (torch.cat([table[:, :j], table[:, j + 1 :]], dim=1) > 0).all()
-        plan = make_plan(scores, shape, Targets(experts=5, expert_importance=kind))
+        plan = make_plan(scores, shape, PruneConfig(experts=5, expert_importance=kind))
         assert all(kept == [0, 1, 3, 4, 5] for kept in plan.kept_experts.values())
         assert plan.info["expert_importance"] == kind
 
@@ -237,7 +238,7 @@ def test_dropping_a_never_routed_expert_keeps_the_logits_where_the_router_renorm
         assert model.config.norm_topk_prob
     _silence(model, family, 2)
     scores = estimate_importance(model, CALIBRATION, batch_size=4, progress=False)
-    new = prune_model(model, make_plan(scores, get_adapter(model).shape(), Targets(experts=5)))
+    new = prune_model(model, make_plan(scores, get_adapter(model).shape(), PruneConfig(experts=5)))
     assert get_adapter(new).shape().experts == 5
     with torch.no_grad():
         for ids in (WINDOWS, IDS):
@@ -255,19 +256,19 @@ def test_expert_importance_kinds_from_one_scores_file(tmp_path):
     shape = get_adapter(model).shape()
     again.check_matches(shape)
     for kind in ("reap", "frequency", "magnitude", "random"):
-        plan = make_plan(again, shape, Targets(experts=3, expert_importance=kind))
+        plan = make_plan(again, shape, PruneConfig(experts=3, expert_importance=kind))
         table = again.expert_scores(kind)
         for row, layer in enumerate(shape.layers_with("moe")):
             assert plan.kept_experts[layer] == sorted(table[row].argsort(descending=True)[:3].tolist())
-    assert make_plan(again, shape, Targets(experts=3)).info["expert_importance"] == "reap"
+    assert make_plan(again, shape, PruneConfig(experts=3)).info["expert_importance"] == "reap"
     # the magnitude stored beside activation scores is the magnitude baseline's
     from slimlm.importance import magnitude_scores
 
     torch.testing.assert_close(again.experts["magnitude"], magnitude_scores(model).experts["magnitude"])
     with pytest.raises(SlimlmError, match="unknown expert importance"):
-        make_plan(again, shape, Targets(experts=3, expert_importance="taylor"))
+        make_plan(again, shape, PruneConfig(experts=3, expert_importance="taylor"))
     with pytest.raises(SlimlmError, match="no 'reap' expert importance"):
-        make_plan(random_scores(shape), shape, Targets(experts=3, expert_importance="reap"))
+        make_plan(random_scores(shape), shape, PruneConfig(experts=3, expert_importance="reap"))
 
 
 def test_expert_magnitude_equals_weight_norms():

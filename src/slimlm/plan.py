@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .adapters import Shape
+from .config import PruneConfig
 from .errors import SlimlmError
 
 
@@ -147,32 +148,11 @@ def parse_layer_range(text: str, n_layers: int) -> list[int]:
     return sorted(drop)
 
 
-@dataclass
-class Targets:
-    """What the user asked for; None keeps that axis whole."""
-
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    layers: int | None = None
-    drop_layers: str | None = None
-    depth_metric: str = "block"
-    experts: int | None = None  # routed experts kept in every MoE layer
-    moe_ffn: int | None = None  # neurons kept in every routed expert
-    shared_ffn: int | None = None  # neurons kept in the shared expert
-    mamba_heads: int | None = None  # Mamba heads kept in every Mamba layer
-    expert_importance: str | None = None  # reap (default), frequency, magnitude, random
-
-    def any_depth(self) -> bool:
-        return self.layers is not None or bool(self.drop_layers)
-
-
 DEPTH_METRICS = ("block", "loss", "bi")
 EXPERT_IMPORTANCE_KINDS = ("reap", "frequency", "magnitude", "random")
 
 
-def validate_targets(t: Targets, shape: Shape) -> None:
+def validate_targets(t: PruneConfig, shape: Shape) -> None:
     """Every size check, before any work starts."""
 
     def check(name, value, upper, what=None):
@@ -226,7 +206,7 @@ def validate_targets(t: Targets, shape: Shape) -> None:
         )
 
 
-def target_shape(t: Targets, shape: Shape) -> Shape:
+def target_shape(t: PruneConfig, shape: Shape) -> Shape:
     """The shape `t` asks for (call after `validate_targets`).
 
     When `t.layers` leaves the choice of layers to an importance metric and the layers
@@ -296,7 +276,7 @@ def choose_heads(head_scores: torch.Tensor, n_kv: int, keep_heads: int, keep_kv:
     return heads, kv
 
 
-def make_plan(scores, shape: Shape, targets: Targets, kept_layers: list[int] | None = None) -> PrunePlan:
+def make_plan(scores, shape: Shape, targets: PruneConfig, kept_layers: list[int] | None = None) -> PrunePlan:
     """Kept indices from importance scores (see importance.Scores) and target sizes.
 
     `kept_layers` overrides the depth choice (computed by the caller when it needs a
@@ -339,7 +319,7 @@ def _plan_per_layer(out: dict, plan: PrunePlan, layers: list[int], rows, name: s
         out[layer] = choose(rows[layers.index(layer)])
 
 
-def _plan_experts(plan: PrunePlan, scores, shape: Shape, targets: Targets) -> None:
+def _plan_experts(plan: PrunePlan, scores, shape: Shape, targets: PruneConfig) -> None:
     moe_layers = shape.layers_with("moe")
     if not any(layer in moe_layers for layer in plan.kept_layers):
         return
@@ -358,7 +338,7 @@ def _plan_experts(plan: PrunePlan, scores, shape: Shape, targets: Targets) -> No
             plan.kept_expert_ffn[layer] = [_top(row[e], neurons) for e in experts]
 
 
-def choose_layers(scores, shape: Shape, targets: Targets) -> list[int]:
+def choose_layers(scores, shape: Shape, targets: PruneConfig) -> list[int]:
     """Layers to keep by a per-layer depth score (higher = more important)."""
     if targets.drop_layers:
         drop = set(parse_layer_range(targets.drop_layers, shape.layers))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
 from .adapters import Adapter, Shape
+from .config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig, route_overrides
 from .errors import SlimlmError
 
 
@@ -39,25 +40,19 @@ def _grid(low: float, high: int, step: int) -> list[int]:
     return values
 
 
-def enumerate_candidates(
-    adapter: Adapter,
-    target_params: int,
-    *,
-    tolerance: float = 0.05,
-    max_width_prune: float = 0.4,
-    max_depth_prune: float = 0.2,
-    hidden_step: int = 64,
-    ffn_step: int = 128,
-    max_candidates: int | None = 20,
-    prune_heads: bool = True,
-) -> list[Candidate]:
-    """Uniform shapes within ±`tolerance` of `target_params`, closest first.
+def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchConfig | None = None,
+                         **overrides) -> list[Candidate]:
+    """Uniform shapes within ±`tolerance` of `target_params`, closest first (settings: `SearchConfig`).
 
     Grids: layers from (1 - max_depth_prune)·L to L; hidden and MLP sizes on multiples
     of `hidden_step` / `ffn_step` down to (1 - max_width_prune) of the original; query
     heads on multiples of the KV heads (or the original count with `prune_heads=False`;
     the paper kept heads when width-pruning).  Parameters are counted analytically.
+    `max_candidates` None keeps them all.
     """
+    c = SearchConfig.make(config, **overrides)
+    tolerance, max_width_prune, max_depth_prune = c.tolerance, c.max_width_prune, c.max_depth_prune
+    hidden_step, ffn_step, max_candidates, prune_heads = c.hidden_step, c.ffn_step, c.max_candidates, c.prune_heads
     s = adapter.shape()
     if not 0 < target_params < adapter.param_count(s):
         raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
@@ -88,23 +83,13 @@ def enumerate_candidates(
     return out[:max_candidates] if max_candidates else out
 
 
-def run_search(
-    teacher_model,
-    tokenizer,
-    scores,
-    candidates: list[Candidate],
-    out: Path,
-    *,
-    data,
-    search_tokens: int,
-    distill_kwargs: dict,
-    depth_metric: str = "block",
-    progress: bool = True,
-) -> list[dict]:
+def distill_candidates(teacher_model, tokenizer, scores, candidates: list[Candidate], out: Path, *, data,
+                       search_tokens: int, distill: DistillConfig, depth_metric: str = "block",
+                       progress: bool = True) -> list[dict]:
     """Prune, briefly distill and score each candidate; results are cached per candidate."""
     from .adapters import get_adapter
-    from .distill import distill
-    from .plan import Targets, make_plan
+    from .distill import distill as run_distill
+    from .plan import make_plan
     from .prune import prune_model
 
     adapter = get_adapter(teacher_model)
@@ -117,21 +102,12 @@ def run_search(
             results.append(json.loads(done.read_text()))
             continue
         s = cand.shape
-        targets = Targets(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
+        targets = PruneConfig(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
         plan = make_plan(scores, source, targets)
         student = prune_model(teacher_model, plan)
         print(f"[search {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters", flush=True)
-        result = distill(
-            teacher_model,
-            student,
-            data,
-            out=folder / "student",
-            tokens=search_tokens,
-            tokenizer=tokenizer,
-            overwrite=True,
-            progress=progress,
-            **distill_kwargs,
-        )
+        result = run_distill(teacher_model, student, data, folder / "student", search_tokens, distill,
+                             tokenizer=tokenizer, overwrite=True, progress=progress)
         row = {
             "candidate": cand.name,
             **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
@@ -173,24 +149,65 @@ def write_ranking(out: Path, results: list[dict]) -> None:
     atomic_write_json(out / "ranking.json", results)
 
 
-def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list[Candidate], out: Path, *,
-           data, search_tokens: int, distill_kwargs: dict, calibration: dict | None = None,
-           progress: bool = True) -> tuple[list[dict], Path]:
-    """The whole search over `candidates`: what `slimlm search` and the pipeline's search stage run.
+def search(
+    model: str,
+    output: str | Path,
+    config: SearchConfig | None = None,
+    distill: DistillConfig | None = None,
+    importance: ImportanceConfig | None = None,
+    *,
+    scores: str | Path | None = None,
+    loaded=None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """The whole search: what `slimlm search` and the pipeline's search stage run.
 
-    Scores the contiguous blocks that depth candidates need (saved back to `scores_path`;
-    `calibration` holds `api.add_block_losses`'s fallbacks for what the scores' metadata lacks),
-    distills every candidate briefly (`run_search`), writes OUT/ranking.{md,json} and keeps
-    the winner's student in OUT/winner.  Returns (ranking, winner folder).
+    Enumerates candidate shapes near `config.target_params`, scores importance (or reuses
+    `scores`, default OUT/scores.safetensors when it exists), adds the contiguous-block losses
+    the depth candidates need, distills every candidate for `search_tokens` with the `distill`
+    settings (its data is `importance.data`, calibration windows use the distillation's seq_len),
+    writes OUT/ranking.{md,json} and keeps the winner's student in OUT/winner.  Keyword overrides
+    go to whichever config declares them.  `loaded` is the teacher already in memory.  Returns
+    {"output", "ranking", "winner", "winner_path", "candidates"}.
     """
+    from . import api
+    from ._io import check_writable_output
     from .adapters import get_adapter
-    from .api import add_block_losses
+    from .data import check_source
+    from .importance import Scores
+    from .models import load_config, load_model, load_tokenizer
 
-    layers = get_adapter(teacher_model).shape().layers
-    depths = [layers - c.shape.layers for c in candidates]
-    if add_block_losses(scores, teacher_model, tokenizer, depths, data=data, progress=progress, **(calibration or {})):
-        scores.save(scores_path)
-    results = run_search(teacher_model, tokenizer, scores, candidates, out, data=data, search_tokens=search_tokens,
-                         distill_kwargs=distill_kwargs, progress=progress)
-    write_ranking(out, results)
-    return results, keep_winner(out, results)
+    made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
+                           importance=(ImportanceConfig, importance))
+    c, d, imp = made["search"], made["distill"], made["importance"]
+    if c.target_params is None:
+        raise SlimlmError("--target-params is required for a search")
+    api.check_importance_config(imp)
+    # -- every check before any output exists -------------------------------------------------
+    out = Path(output).expanduser()
+    if not (out / "candidates").is_dir():  # a search folder is resumable: only a fresh one must be new
+        check_writable_output(out, overwrite=False)
+    adapter = get_adapter(loaded.config if loaded is not None else load_config(model))
+    candidates = enumerate_candidates(adapter, int(c.target_params), c)
+    check_source(imp.data, imp.text_field)
+    scores_path = Path(scores) if scores else out / "scores.safetensors"
+    given = Scores.load(scores_path) if scores_path.exists() else None
+    if given is not None:
+        given.check_matches(adapter.shape())
+    # -- work ----------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
+    tok = load_tokenizer(model)
+    calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False)
+    sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher, overwrite=True,
+                                                        progress=progress)
+    depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
+    if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
+        sc.save(scores_path)
+    ranking = distill_candidates(teacher, tok, sc, candidates, out, data=imp.data, search_tokens=c.search_tokens,
+                                 distill=d, progress=progress)
+    write_ranking(out, ranking)
+    winner = keep_winner(out, ranking)
+    return {"output": str(out), "ranking": ranking, "winner": ranking[0], "winner_path": str(winner),
+            "candidates": len(candidates), "scores": str(scores_path)}

@@ -30,9 +30,13 @@ def info(model: Model, json_out: JsonOut = False):
         emit_json(result)
         return
     table = Table(title=f"{model}", show_header=False)
-    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied"):
-        table.add_row(key, str(result[key]))
+    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied",
+                "experts", "experts_per_token", "moe_ffn", "shared_ffn", "mamba_heads", "mamba_head_dim", "mamba_groups"):
+        if key in result:
+            table.add_row(key, str(result[key]))
     table.add_row("parameters", f"{result['parameters']:,} ({fmt_params(result['parameters'])})")
+    if result["active_parameters"] != result["parameters"]:
+        table.add_row("active per token", f"{result['active_parameters']:,} ({fmt_params(result['active_parameters'])})")
     table.add_row("without embeddings", f"{result['parameters_without_embeddings']:,} ({fmt_params(result['parameters_without_embeddings'])})")
     Console().print(table)
 
@@ -76,8 +80,11 @@ def prune(
     s0, s1 = result["source_shape"], result["shape"]
     console.print(
         f"[green]pruned[/green] {model} -> {output}: layers {s0['layers']}->{s1['layers']}, hidden {s0['hidden']}->{s1['hidden']}, "
-        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}; "
-        f"parameters {fmt_params(b)} -> {fmt_params(a)} ({a / b:.1%})"
+        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}"
+        + "".join(f", {k} {s0[k]}->{s1[k]}" for k in ("experts", "moe_ffn", "shared_ffn", "mamba_heads") if k in s0)
+        + f"; parameters {fmt_params(b)} -> {fmt_params(a)} ({a / b:.1%})"
+        + (f", active {fmt_params(result['active_parameters_before'])} -> {fmt_params(result['active_parameters_after'])}"
+           if "experts" in s0 else "")
     )
     if json_out:
         emit_json(result)

@@ -138,6 +138,23 @@ def _dtype():
     return setting("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.", shared=True)
 
 
+def _data_weights():
+    return setting(
+        None, "Mixing weights, one per --data in the same order, comma-separated: 0.7,0.3 (relative; the windows "
+              "are interleaved in a seeded order that keeps these proportions).",
+        cli_type=Optional[str], recipe_types=(str, list))
+
+
+def _eval_data():
+    return setting(None, "Separate held-out text source (default: windows after the training ones).")
+
+
+def _token_cache():
+    return setting(
+        None, "Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each source is "
+              "tokenized once there and reused. Delete it to clear the cache.")
+
+
 def _count(default, help, **kw):
     return setting(default, help, parse=parse_count, cli_type=str, recipe_types=(int, str), **kw)
 
@@ -273,20 +290,15 @@ class DistillConfig(Settings):
     gradient_checkpointing: bool = setting(False, "Recompute student layers in backward (less memory).")
     eval_every: Optional[int] = setting(None, "Validate every N steps (default: 10 times a run; 0: never).", min=0)
     heldout: int = setting(16, "Held-out windows for validation.", min=0)
-    eval_data: Optional[str] = setting(None, "Separate held-out text source (default: windows after the training ones).")
+    eval_data: Optional[str] = _eval_data()
     save_every: Optional[int] = setting(
         None, "Checkpoint every N steps (default: about 10 a run, every 25-1000 steps; 0: never).", min=0)
     keep_checkpoints: int = setting(1, "Checkpoints kept on disk (the newest).", min=1)
     chat: bool = setting(
         False, "--data is chat JSONL ({\"messages\": [...]}), rendered with the chat template: an instruct teacher "
                "gives an instruct student.")
-    data_weights: Optional[Any] = setting(
-        None, "Mixing weights, one per --data in the same order, comma-separated: 0.7,0.3 (relative; the windows "
-              "are interleaved in a seeded order that keeps these proportions).",
-        cli_type=Optional[str], recipe_types=(str, list))
-    token_cache: Optional[str] = setting(
-        None, "Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each source is "
-              "tokenized once there and reused. Delete it to clear the cache.")
+    data_weights: Optional[Any] = _data_weights()
+    token_cache: Optional[str] = _token_cache()
     stop_after: Optional[int] = setting(
         None, "Stop (with a checkpoint, no export) after this many optimizer steps; continue with --resume.",
         min=1, recipe=False)
@@ -318,6 +330,36 @@ class CorrectConfig(DistillConfig):
 
     def final_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass(frozen=True)
+class TeacherLogitsConfig(Settings):
+    """The teacher's top-K log-probabilities over a distillation's windows (`slimlm teacher-logits`).
+
+    The data settings are those of the distillation that will read the cache: with the same
+    data, seed, sequence length and budget, the cache holds exactly the windows it reads.
+    """
+
+    data: Any = _data()
+    data_weights: Optional[Any] = _data_weights()
+    eval_data: Optional[str] = _eval_data()
+    tokens: int = _count(100_000, "Token budget of the distillation that will read the cache (its --tokens); a "
+                                  "larger budget later extends the same cache.", short="-n", min=1)
+    seq_len: int = setting(512, "Tokens per window (the distillation's --seq-len).", min=2)
+    global_batch: Optional[int] = setting(
+        None, "Windows per optimizer step of that distillation (default: distill's, 4 on one process); the cache "
+              "covers whole steps.", min=1)
+    heldout: int = setting(16, "Held-out windows (the distillation's --heldout), stored too: validation needs no "
+                               "teacher.", min=0)
+    top_k: int = setting(64, "Teacher log-probabilities kept per token; the rest of the mass is kept as one "
+                             "bucket.", min=1)
+    batch_size: int = setting(8, "Windows per teacher forward pass.", min=1)
+    chunk_size: int = setting(512, "Tokens per LM-head chunk (at most a few chunk x vocabulary floats at once).",
+                              min=1)
+    token_cache: Optional[str] = _token_cache()
+    text_field: str = _text_field()
+    seed: int = _seed()
+    dtype: str = _dtype()
 
 
 @dataclass(frozen=True)

@@ -364,19 +364,26 @@ class TeacherLogitsConfig(Settings):
 
 @dataclass(frozen=True)
 class SearchConfig(Settings):
-    """Architecture search (`slimlm search`, the pipeline's search stage)."""
+    """Architecture search (`slimlm search`, the pipeline's search stage): successive halving over candidate shapes."""
 
     target_params: Optional[float] = setting(None, "Parameter target, e.g. 9e7.", above=0, required=True)
     tolerance: float = setting(0.05, "Keep shapes within this fraction of the target.", above=0)
-    max_width_prune: float = setting(0.4, "Largest fraction of any width axis to remove.", min=0)
-    max_depth_prune: float = setting(0.2, "Largest fraction of layers to remove.", min=0)
-    max_candidates: int = setting(8, "Distill at most this many candidates (closest to the target first).", min=1)
+    max_width_prune: float = setting(0.55, "Largest fraction of any width axis to remove.", min=0)
+    max_depth_prune: float = setting(0.4, "Largest fraction of layers to remove.", min=0)
+    max_candidates: int = setting(
+        27, "Distill at most this many candidates (a spread of the shapes that qualify, the closest to the target "
+            "first).", min=1)
     prune_heads: bool = setting(
         True, "Also try fewer attention heads (--keep-heads: never prune heads, the paper's choice).",
         flag="--prune-heads/--keep-heads")
     hidden_step: int = setting(64, "Grid step of the hidden size.", min=1)
     ffn_step: int = setting(128, "Grid step of the MLP size.", min=1)
-    search_tokens: int = _count(20000, "Distillation tokens per candidate (paper: ~400 steps).", min=1)
+    search_budget: int = _count(
+        160_000, "Distillation tokens of the whole search, shared equally by its rungs (default: what 8 candidates "
+                 "x 20,000 tokens cost).", min=1)
+    reduction: int = setting(
+        3, "Each rung keeps the best 1/REDUCTION of its candidates (3: the best third) and distills them longer.",
+        min=2)
 
 
 @dataclass(frozen=True)

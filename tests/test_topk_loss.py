@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from slimlm.distill.loss import IGNORE_INDEX, naive_kd_loss
-from slimlm.distill.topk_loss import TeacherTargets, TopKForwardKL
+from slimlm.distill.topk_loss import CheckpointedTopKLoss, FusedTopKLoss, PlainTopKLoss, TeacherTargets
+
+CLASSES = [FusedTopKLoss, CheckpointedTopKLoss, PlainTopKLoss]
 
 N, H, V = 29, 12, 40
 
@@ -50,11 +52,11 @@ def _grads(fn, *tensors):
     return value.detach(), torch.autograd.grad(value, tensors)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("k", [1, 5, 17])
-def test_value_and_gradient_equal_the_direct_computation(fused, k):
+def test_value_and_gradient_equal_the_direct_computation(cls, k):
     hidden, weight, bias, targets, _ = _problem(k)
-    loss = TopKForwardKL(chunk_size=8, fused=fused)  # 29 tokens: chunks of 8, 8, 8, 5
+    loss = cls(chunk_size=8)  # 29 tokens: chunks of 8, 8, 8, 5
     got, g_got = _grads(lambda h, w, b: loss(h, (w, b), targets).loss, hidden, weight, bias)
     want, g_want = _grads(lambda h, w, b: direct_loss(h, w, b, targets), hidden, weight, bias)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
@@ -62,11 +64,11 @@ def test_value_and_gradient_equal_the_direct_computation(fused, k):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_fp32_within_1e5_of_the_fp64_definition(fused):
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fp32_within_1e5_of_the_fp64_definition(cls):
     hidden, weight, bias, targets, _ = _problem(6, dtype=torch.float32, seed=1)
     t16 = TeacherTargets(targets.topk_ids, targets.topk_logprobs.half(), targets.rest_logmass.half())  # as stored
-    loss = TopKForwardKL(chunk_size=10, fused=fused)
+    loss = cls(chunk_size=10)
     got, g_got = _grads(lambda h, w, b: loss(h, (w, b), t16).loss, hidden, weight, bias)
     want, g_want = _grads(lambda h, w, b: direct_loss(h, w, b, t16), hidden.double(), weight.double(), bias.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
@@ -74,11 +76,11 @@ def test_fp32_within_1e5_of_the_fp64_definition(fused):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_k_equal_to_the_vocabulary_is_the_full_forward_kl(fused):
+@pytest.mark.parametrize("cls", CLASSES)
+def test_k_equal_to_the_vocabulary_is_the_full_forward_kl(cls):
     hidden, weight, bias, targets, teacher_logits = _problem(V)
     assert torch.isneginf(targets.rest_logmass).all()
-    loss = TopKForwardKL(chunk_size=7, fused=fused)
+    loss = cls(chunk_size=7)
     got, g_got = _grads(lambda h, w, b: loss(h, (w, b), targets).loss, hidden, weight, bias)
     want, g_want = _grads(lambda h, w, b: naive_kd_loss(h @ w.T + b, teacher_logits), hidden, weight, bias)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
@@ -87,13 +89,13 @@ def test_k_equal_to_the_vocabulary_is_the_full_forward_kl(fused):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_masked_tokens_do_not_count_and_cross_entropy_is_added(fused):
+@pytest.mark.parametrize("cls", CLASSES)
+def test_masked_tokens_do_not_count_and_cross_entropy_is_added(cls):
     hidden, weight, bias, targets, _ = _problem(4, seed=2)
     mask = torch.rand(N, generator=torch.Generator().manual_seed(3)) > 0.3
     labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
     labels[::5] = IGNORE_INDEX
-    loss = TopKForwardKL(chunk_size=6, ce_weight=0.5, fused=fused)
+    loss = cls(chunk_size=6, ce_weight=0.5)
     out = loss(hidden.clone().requires_grad_(), (weight, bias), targets, labels=labels, mask=mask)
     assert out.n_tokens == int(mask.sum()) and out.n_labels == int((labels[mask] != IGNORE_INDEX).sum())
     got, g_got = _grads(lambda h, w, b: loss(h, (w, b), targets, labels=labels, mask=mask).loss, hidden, weight, bias)
@@ -106,8 +108,8 @@ def test_masked_tokens_do_not_count_and_cross_entropy_is_added(fused):
 
 def test_softcapped_head_fused_equals_autograd():
     hidden, weight, bias, targets, _ = _problem(5, seed=5, sharp=1.0)
-    fused = TopKForwardKL(chunk_size=9, fused=True)
-    plain = TopKForwardKL(chunk_size=9, fused=False)
+    fused = FusedTopKLoss(chunk_size=9)
+    plain = PlainTopKLoss(chunk_size=9)
     got, g_got = _grads(lambda h, w: fused(h, w, targets, student_softcap=2.0).loss, hidden, weight)
     want, g_want = _grads(lambda h, w: plain(h, w, targets, student_softcap=2.0).loss, hidden, weight)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
@@ -120,5 +122,18 @@ def test_zero_when_the_student_is_the_teacher():
     logp = (hidden @ weight.T + bias).log_softmax(-1)
     values, ids = logp.topk(3, dim=-1)
     targets = TeacherTargets(ids, values, torch.log1p(-values.exp().sum(-1)))
-    out = TopKForwardKL(chunk_size=0)(hidden.clone().requires_grad_(), (weight, bias), targets)
+    out = FusedTopKLoss(chunk_size=0)(hidden.clone().requires_grad_(), (weight, bias), targets)
     assert abs(out.loss.item()) < 1e-12 and out.kl.item() == pytest.approx(out.loss.item(), abs=1e-15)
+
+
+def test_without_gradients_every_class_gives_the_value_and_the_lm_loss():
+    hidden, weight, bias, targets, _ = _problem(6, seed=7)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        outs = [cls(chunk_size=8, ce_weight=1.0)(hidden, (weight, bias), targets, labels=labels) for cls in CLASSES]
+    want_kl = direct_loss(hidden, weight, bias, targets)
+    want_ce = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, labels)
+    for out in outs:
+        torch.testing.assert_close(out.kl, want_kl, rtol=1e-10, atol=0)
+        torch.testing.assert_close(out.ce, want_ce, rtol=1e-10, atol=0)
+        torch.testing.assert_close(out.loss, want_kl + want_ce, rtol=1e-10, atol=0)

@@ -6,7 +6,7 @@ training windows and its held-out validation windows) and stores for every token
 probable next tokens, their log-probabilities and the log of the probability mass left over.
 `TeacherLogitsCache.open(path)` reads it back: ``windows(position, count)`` gives the token ids
 that `TrainingData.windows(position, count)` gives, with the teacher's targets for them
-(`slimlm.distill.topk_loss.TeacherTargets`, what `TopKForwardKL` takes).
+(`slimlm.distill.topk_loss.TeacherTargets`, what `slimlm.distill.topk_loss.FusedTopKLoss` takes).
 
 Layout::
 

@@ -21,11 +21,12 @@ Gradient with respect to the student's logits s_v (temperature 1):
     v not in K:  q_v - r q_v / q_rest
 
 that is q - P, where the target P is the teacher's top-K probabilities plus the bucket's mass
-r spread over the other tokens the way the student spreads its own.  `TopKForwardKL`
+r spread over the other tokens the way the student spreads its own.  `FusedTopKLoss`
 computes this gradient chunk by chunk during the forward with the student's LM head applied
 per chunk (as `slimlm.distill.loss._FusedHeadLoss` does for the online loss), so no
-vocabulary-sized tensor outlives its chunk; with sharded heads (FSDP2 / ZeRO-3) or
-``fused=False`` each chunk is checkpointed and differentiated by autograd instead.
+vocabulary-sized tensor outlives its chunk; `CheckpointedTopKLoss` (sharded heads: FSDP2 /
+ZeRO-3) checkpoints each chunk and lets autograd differentiate it; `PlainTopKLoss` keeps the
+chunks' graphs (validation, where there is no backward).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .loss import IGNORE_INDEX, Head, LossOutput, _logits_into, as_head
+from .loss import IGNORE_INDEX, Head, LinearHead, LossOutput, _logits_into, as_head
 
 
 @dataclass
@@ -208,81 +209,125 @@ class _FusedTopKLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-class TopKForwardKL:
+@dataclass
+class TopKInputs:
+    """One call's tensors after masking: flat targets, and labels only when the cross-entropy term counts."""
+
+    hidden: torch.Tensor
+    head: LinearHead
+    targets: TeacherTargets
+    labels: torch.Tensor | None
+    n_tokens: int
+    n_labels: int
+    kd_scale: float  # 1 / tokens
+    ce_scale: float  # the cross-entropy term's weight / counted labels (0 without the term)
+
+
+class TopKLoss:
     """Forward KL to cached top-K teacher targets plus a rest bucket, averaged over tokens (see the module doc).
 
-    ``loss = KL + ce_weight * CE`` where CE is the student's cross-entropy on `labels`.
-    Only temperature 1: the cache holds log-probabilities at temperature 1, and the bucket's
+    A loss object holds the settings; calling it takes the tensors:
+    ``loss(student_hidden, student_head, targets, labels=..., mask=...)``, the call style of
+    `slimlm.distill.loss`'s classes, with the cache's `TeacherTargets` where those take the
+    teacher.  ``loss = KL + ce_weight * CE`` (CE: the student's cross-entropy on `labels`).
+    Temperature 1 only: the cache holds log-probabilities at temperature 1, and the bucket's
     mass at another temperature cannot be recovered from them.
 
-    Args:
+    Settings:
         chunk_size: tokens per chunk (peak extra memory about 3 x chunk_size x V floats);
             0 for one chunk of all tokens.
         ce_weight: weight of the student cross-entropy term.
-        fused: take each chunk's logit gradient during the forward (plain local head weights:
-            one process, DDP); False, or a sharded head, checkpoints each chunk instead.
+
+    Call arguments: `student_hidden` [N, H] (final hidden states), `student_head` (weight
+    [V, H], (weight, bias), a module or a callable), `targets` ([N, K], [N] or any leading
+    shape with N tokens), `labels` [N] (IGNORE_INDEX entries skipped), `mask` [N] bool (the
+    tokens that count; the others are dropped before any matmul).
+
+    The three subclasses compute the same value and gradients: `PlainTopKLoss`,
+    `CheckpointedTopKLoss`, `FusedTopKLoss`.
     """
 
-    def __init__(self, chunk_size: int = 512, ce_weight: float = 0.0, fused: bool = True):
-        self.chunk_size, self.ce_weight, self.fused = chunk_size, ce_weight, fused
+    checkpointed = False
 
-    def __call__(
-        self,
-        student_hidden: torch.Tensor,
-        student_head: Head,
-        targets: TeacherTargets,
-        *,
-        labels: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        student_bias: torch.Tensor | None = None,
-        student_softcap: float | None = None,
-    ) -> LossOutput:
-        """The loss of `student_hidden` [N, H] (final hidden states) against `targets` ([N, K], [N]).
+    def __init__(self, chunk_size: int = 512, ce_weight: float = 0.0):
+        self.chunk_size, self.ce_weight = chunk_size, ce_weight
 
-        `student_head`: the LM head (weight [V, H], (weight, bias), a module or a callable);
-        `mask` [N] bool: the tokens that count (the others are dropped before any matmul).
-        """
-        head = as_head(student_head, student_bias, student_softcap)
+    def __call__(self, student_hidden: torch.Tensor, student_head: Head, targets: TeacherTargets, *,
+                 labels: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 student_bias: torch.Tensor | None = None, student_softcap: float | None = None) -> LossOutput:
+        return self.compute(self.inputs(student_hidden, student_head, targets, labels, mask, student_bias,
+                                        student_softcap))
+
+    def chunk(self, n: int) -> int:
+        """Tokens per chunk for `n` tokens (chunk_size 0: all of them)."""
+        return self.chunk_size if self.chunk_size > 0 else max(n, 1)
+
+    def inputs(self, hidden, head, targets, labels, mask, bias, softcap) -> TopKInputs:
+        """Drop masked tokens; keep the labels only when the cross-entropy term counts."""
         targets = targets.flat()
         if mask is not None:
             keep = mask.reshape(-1).bool()
-            student_hidden, targets = student_hidden[keep], targets[keep]
+            hidden, targets = hidden[keep], targets[keep]
             labels = labels[keep] if labels is not None else None
-        n = student_hidden.shape[0]
-        with_ce = labels is not None and self.ce_weight > 0
+        n = hidden.shape[0]
         n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
-        scale_kd = 1.0 / max(n, 1)
-        scale_ce = self.ce_weight / max(n_labels, 1) if with_ce else 0.0
-        chunk = self.chunk_size if self.chunk_size > 0 else max(n, 1)
-        lin = head.linear() if self.fused else None
-        grads = torch.is_grad_enabled() and (student_hidden.requires_grad or (lin is not None and (
-            lin[0].requires_grad or (lin[1] is not None and lin[1].requires_grad))))
-        if lin is not None and grads:
-            total, sums = _FusedTopKLoss.apply(
-                student_hidden, lin[0], lin[1], (chunk, head.softcap, scale_kd, scale_ce),
-                targets.topk_ids, targets.topk_logprobs, targets.rest_logmass, labels if with_ce else None)
-            kl_sum, ce_sum = sums[0].detach(), sums[1].detach()
-        else:
-            total, kl_sum, ce_sum = self._chunked(student_hidden, head, targets, labels, with_ce, chunk, scale_kd,
-                                                  scale_ce)
-        return LossOutput(loss=total, kd=kl_sum / max(n, 1), ce=ce_sum / max(n_labels, 1), kl=kl_sum / max(n, 1),
-                          n_tokens=n, n_labels=n_labels)
+        with_ce = labels is not None and self.ce_weight > 0
+        return TopKInputs(hidden=hidden, head=as_head(head, bias, softcap), targets=targets,
+                          labels=labels if with_ce else None, n_tokens=n, n_labels=n_labels,
+                          kd_scale=1.0 / max(n, 1), ce_scale=self.ce_weight / max(n_labels, 1) if with_ce else 0.0)
+
+    def compute(self, x: TopKInputs) -> LossOutput:
+        raise NotImplementedError
 
     @staticmethod
-    def _chunked(hidden, head, targets, labels, with_ce, chunk, scale_kd, scale_ce):
-        """Chunks differentiated by autograd, each checkpointed when gradients are needed."""
+    def output(x: TopKInputs, total: torch.Tensor, kl_sum: torch.Tensor, ce_sum: torch.Tensor) -> LossOutput:
+        n, n_labels = max(x.n_tokens, 1), max(x.n_labels, 1)
+        return LossOutput(loss=total, kd=kl_sum.detach() / n, ce=ce_sum.detach() / n_labels,
+                          kl=kl_sum.detach() / n, n_tokens=x.n_tokens, n_labels=x.n_labels)
 
+
+class PlainTopKLoss(TopKLoss):
+    """Chunk by chunk with ordinary autograd (each chunk's logits kept until backward); the path of validation."""
+
+    def compute(self, x: TopKInputs) -> LossOutput:
         def chunk_terms(h, ids, logprobs, rest, lab):
-            return topk_kl_terms(head(h), TeacherTargets(ids, logprobs, rest), lab)
+            return topk_kl_terms(x.head(h), TeacherTargets(ids, logprobs, rest), lab)
 
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        total = kl_sum = ce_sum = hidden.new_zeros((), dtype=acc)
-        grad = torch.is_grad_enabled()
-        for start in range(0, hidden.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            args = (hidden[sl], targets.topk_ids[sl], targets.topk_logprobs[sl], targets.rest_logmass[sl],
-                    labels[sl] if labels is not None else None)
-            kl, ce = checkpoint(chunk_terms, *args, use_reentrant=False) if grad else chunk_terms(*args)
-            total = total + kl * scale_kd + (ce * scale_ce if with_ce else 0.0)
+        acc = torch.promote_types(x.hidden.dtype, torch.float32)
+        total = kl_sum = ce_sum = x.hidden.new_zeros((), dtype=acc)
+        step = self.chunk(x.n_tokens)
+        recompute = self.checkpointed and self.chunk_size > 0 and torch.is_grad_enabled()
+        t = x.targets
+        for start in range(0, x.n_tokens, step):
+            sl = slice(start, start + step)
+            args = (x.hidden[sl], t.topk_ids[sl], t.topk_logprobs[sl], t.rest_logmass[sl],
+                    x.labels[sl] if x.labels is not None else None)
+            kl, ce = checkpoint(chunk_terms, *args, use_reentrant=False) if recompute else chunk_terms(*args)
+            total = total + kl * x.kd_scale + ce * x.ce_scale
             kl_sum, ce_sum = kl_sum + kl.detach(), ce_sum + ce.detach()
-        return total, kl_sum, ce_sum
+        return self.output(x, total, kl_sum, ce_sum)
+
+
+class CheckpointedTopKLoss(PlainTopKLoss):
+    """Each chunk in `torch.utils.checkpoint`: logits freed after the forward, rebuilt in backward (any head,
+    sharded ones included: FSDP2 / ZeRO-3)."""
+
+    checkpointed = True
+
+
+class FusedTopKLoss(CheckpointedTopKLoss):
+    """The student head and the loss in one autograd Function taking each chunk's logit gradient in the forward
+    (`_FusedTopKLoss`): plain local head weights (one process, DDP) with gradients; otherwise as
+    `CheckpointedTopKLoss`."""
+
+    def compute(self, x: TopKInputs) -> LossOutput:
+        lin = x.head.linear()
+        needs_grad = lin is not None and torch.is_grad_enabled() and (
+            x.hidden.requires_grad or lin[0].requires_grad or (lin[1] is not None and lin[1].requires_grad))
+        if not needs_grad:
+            return super().compute(x)
+        t = x.targets
+        total, sums = _FusedTopKLoss.apply(x.hidden, lin[0], lin[1],
+                                           (self.chunk(x.n_tokens), x.head.softcap, x.kd_scale, x.ce_scale),
+                                           t.topk_ids, t.topk_logprobs, t.rest_logmass, x.labels)
+        return self.output(x, total, sums[0], sums[1])

@@ -397,7 +397,8 @@ def write_cache(
     overrides (`tokens`, `seq_len`, `top_k`, `data`, ...).  The windows are those a distillation
     with the same data, seed, sequence length, global batch and held-out count reads for
     `tokens` (see the module doc).  An existing cache with the same key is continued (after a
-    crash) or extended (a larger budget); one with another key is refused unless `overwrite`.
+    crash) or extended (a larger budget); one with another key is refused.  `overwrite`
+    replaces whatever `output` holds.
     `loaded` is the teacher already in memory (`teacher` still names it, for the key).  Returns
     {"output", "windows", "new_windows", "tokens", "top_k", "bytes", "bytes_per_token", "seconds"}.
     """
@@ -428,12 +429,10 @@ def write_cache(
     key = cache_key(teacher_fingerprint(spec, t_cfg, dtype), tokenizer_fingerprint(tok), sources, c.eval_data,
                     c.text_field, c.seed, c.seq_len, c.top_k)
     out = Path(output).expanduser()
-    manifest = read_manifest(out)
+    manifest = None if overwrite else read_manifest(out)
     if manifest is not None and manifest["key"] != key:
-        if not overwrite:
-            raise SlimlmError(f"{out} holds teacher logits for another {', '.join(_differences(manifest['key'], key))}; "
-                              "choose another folder, or --overwrite to replace it")
-        manifest = None
+        raise SlimlmError(f"{out} holds teacher logits for another {', '.join(_differences(manifest['key'], key))}; "
+                          "choose another folder, or --overwrite to replace it")
     if manifest is None:
         check_writable_output(out, overwrite=overwrite)
     token_cache = Path(c.token_cache).expanduser() if c.token_cache else default_token_cache()

@@ -17,8 +17,10 @@ search spent by default (8 candidates x 20,000 tokens).  At 4 x 512 tokens a ste
 steps; 27 candidates would not get one step each in rung 0, so 26 run: 26 x 1 + 9 x 2 + 3 x 11
 = 77 steps, the three finalists having had 14 steps each (at 4 x 256 tokens a step: 156
 steps, 27 x 1 + 9 x 7 + 3 x 22 = 156).  When the budget cannot give every candidate of rung 0
-one step, fewer candidates run (the first of the spread, see `enumerate_candidates`).  Validation (held-out windows, no backward) is not
-counted: every candidate is validated at step 0 and at the end of each of its rungs.
+one step, fewer candidates run (the first of the spread, see `enumerate_candidates`).
+Validation (held-out windows, no backward) is not counted: every candidate is validated at
+step 0 and at the end of each of its rungs.  The seam for phase 2: `_distill_candidate`,
+where a shared teacher-logits cache replaces the teacher model.
 
 Each candidate is one distillation planned for the last rung's length (so every candidate is
 at the same point of the same learning-rate schedule when it is compared) and stopped at the
@@ -202,8 +204,8 @@ def _by_kl(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["val_kl"] is None, r["val_kl"] if r["val_kl"] is not None else 0.0))
 
 
-def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung: Rung, final_steps: int,
-             out: Path, *, data, distill: DistillConfig, depth_metric: str = "block", progress: bool = True) -> list[dict]:
+def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung: Rung, final_steps: int, out: Path,
+             *, data, distill: DistillConfig, depth_metric: str = "block", progress: bool = True) -> list[dict]:
     """Distill each candidate to `rung.steps` steps (resuming its checkpoint), validate it; ranked by val KL.
 
     Every candidate's distillation is planned for `final_steps` (the last rung) and stopped at

@@ -19,8 +19,8 @@ steps; 27 candidates would not get one step each in rung 0, so 26 run: 26 x 1 + 
 steps, 27 x 1 + 9 x 7 + 3 x 22 = 156).  When the budget cannot give every candidate of rung 0
 one step, fewer candidates run (the first of the spread, see `enumerate_candidates`).
 Validation (held-out windows, no backward) is not counted: every candidate is validated at
-step 0 and at the end of each of its rungs.  The seam for phase 2: `_distill_candidate`,
-where a shared teacher-logits cache replaces the teacher model.
+step 0 and at the end of each of its rungs.  Each candidate runs the teacher itself for now;
+`_distill_candidate` is where a shared teacher-logits cache will take the teacher's place.
 
 Each candidate is one distillation planned for the last rung's length (so every candidate is
 at the same point of the same learning-rate schedule when it is compared) and stopped at the

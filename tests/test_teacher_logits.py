@@ -190,3 +190,17 @@ def test_checks_before_any_output(tmp_path, teacher, text_file):
     assert not (tmp_path / "a").exists() and (tmp_path / "b" / "notes.txt").exists()
     with pytest.raises(SlimlmError, match="not a teacher-logits cache"):
         TeacherLogitsCache.open(tmp_path / "b")
+
+
+def test_a_distillation_is_checked_against_what_the_cache_was_written_for(tmp_path, teacher, text_file):
+    write_cache(teacher, tmp_path / "cache", data=str(text_file), tokens=600, progress=False, **SETTINGS)
+    cache = TeacherLogitsCache.open(tmp_path / "cache")
+    tok = load_tokenizer(teacher)
+    same = dict(tokenizer=tok, data=str(text_file), seed=SETTINGS["seed"], seq_len=16)
+    cache.check_matches(**same)
+    cache.check_matches(**same, teacher=teacher, dtype="float32")
+    with pytest.raises(SlimlmError, match="another seed, seq_len"):
+        cache.check_matches(**{**same, "seed": 0, "seq_len": 32})
+    other = save_tiny("llama", tmp_path / "other", seed=1)
+    with pytest.raises(SlimlmError, match="another teacher"):
+        cache.check_matches(**same, teacher=str(other), dtype="float32")

@@ -336,6 +336,25 @@ class TeacherLogitsCache:
                               f"this slimlm reads version {VERSION}: write it again")
         return cls(path, manifest)
 
+    def check_matches(self, *, tokenizer, data=None, data_weights=None, eval_data=None, text_field: str = "text",
+                      seed: int = 0, seq_len: int, teacher: str | None = None, dtype="auto") -> None:
+        """SlimlmError naming every setting of a distillation that differs from what the cache was written for.
+
+        `teacher` (with its `dtype`), when given, must be the teacher the cache was made from.
+        """
+        from ..models import load_config, pick_dtype
+        from .data import parse_sources, tokenizer_fingerprint
+
+        want = self.key
+        have = cache_key(want["teacher"], tokenizer_fingerprint(tokenizer), parse_sources(data, data_weights),
+                         eval_data, text_field, seed, seq_len, want["top_k"])
+        if teacher is not None:
+            have["teacher"] = teacher_fingerprint(str(teacher), load_config(str(teacher)), pick_dtype(dtype))
+        differ = _differences(want, have)
+        if differ:
+            raise SlimlmError(f"the teacher-logits cache {self.path} was written for another {', '.join(differ)} "
+                              "than this distillation's")
+
     def store(self, source: int) -> _SourceShards:
         if source not in self._stores:
             self._stores[source] = _SourceShards(self.path / self.sources[source]["folder"],

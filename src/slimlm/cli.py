@@ -41,7 +41,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the console script."""
     app = build_app()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # Non-standalone typer returns (not raises) an interruption's exit code: Ctrl-C must not exit 0.
+        if code == 130:
+            raise KeyboardInterrupt
     except SlimlmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,7 @@ def test_candidates_are_within_tolerance_and_counted_exactly():
     adapter = _adapter()
     total = adapter.param_count(adapter.shape())
     target = int(total * 0.7)
-    cands = enumerate_candidates(adapter, target, hidden_step=16, ffn_step=32, max_candidates=None,
+    cands = enumerate_candidates(adapter, target_params=target, hidden_step=16, ffn_step=32, max_candidates=None,
                                  max_width_prune=0.4, max_depth_prune=0.2)
     assert cands
     for c in cands:
@@ -41,17 +41,17 @@ def test_candidates_are_within_tolerance_and_counted_exactly():
     # closest to the target first
     assert [abs(c.params - target) for c in cands] == sorted(abs(c.params - target) for c in cands)
     with pytest.raises(SlimlmError, match="no uniform shape"):
-        enumerate_candidates(adapter, int(total * 0.2), max_width_prune=0.4, max_depth_prune=0.2)
+        enumerate_candidates(adapter, target_params=int(total * 0.2), max_width_prune=0.4, max_depth_prune=0.2)
 
 
 def test_wider_default_caps_and_a_spread_of_candidates():
     adapter = _adapter()
     s = adapter.shape()
     target = int(adapter.param_count(s) * 0.5)
-    every = enumerate_candidates(adapter, target, hidden_step=16, ffn_step=32, tolerance=0.2, max_candidates=None)
+    every = enumerate_candidates(adapter, target_params=target, hidden_step=16, ffn_step=32, tolerance=0.2, max_candidates=None)
     # The defaults reach 55 % width and 40 % depth pruning (the former caps were 40 % and 20 %).
     assert min(c.shape.layers for c in every) == 6 and min(c.shape.hidden for c in every) < 0.6 * s.hidden
-    spread = enumerate_candidates(adapter, target, hidden_step=16, ffn_step=32, tolerance=0.2, max_candidates=8)
+    spread = enumerate_candidates(adapter, target_params=target, hidden_step=16, ffn_step=32, tolerance=0.2, max_candidates=8)
     assert len(spread) == 8 and len({c.name for c in spread}) == 8
     assert spread[0] == every[0]  # the closest to the target comes first
     # The spread's shapes are farther apart than the 8 closest to the target are.

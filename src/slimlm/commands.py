@@ -102,18 +102,23 @@ def search(
         "--scores", help="Reuse a scores file (else computed into OUT/scores.safetensors).")] = None,
     json_out: JsonOut = False,
 ):
-    """Find the best uniform shape for a parameter budget: candidates distilled in rungs, the best third kept each time."""
+    """Find the best uniform shape for a parameter budget (total, or active for a MoE): candidates distilled in rungs, the
+    best third kept each time."""
     from .search import search as run_search
 
     result = run_search(model, output, config, distillation, calibration, scores=scores)
-    console.print(f"{result['candidates']} candidates within ±{config.tolerance:.0%} of "
-                  f"{config.target_params / 1e6:.1f}M parameters; {result['steps_used']} of {result['budget_steps']} "
+    target, active = config.target()
+    console.print(f"{result['candidates']} candidates within ±{config.tolerance:.0%} of {target / 1e6:.1f}M "
+                  f"{'active ' if active else ''}parameters; {result['steps_used']} of {result['budget_steps']} "
                   "distillation steps spent")
     table = Table(title="search ranking (validation KL to the teacher at the last rung reached, lower is better)")
-    for col in ("rank", "candidate", "parameters", "rung", "steps", "val KL", "val LM loss"):
+    moe = any(row.get("active_params") not in (None, row["params"]) for row in result["ranking"])
+    for col in ("rank", "candidate", "parameters") + (("active",) if moe else ()) + ("rung", "steps", "val KL",
+                                                                                     "val LM loss"):
         table.add_column(col)
     for i, row in enumerate(result["ranking"], 1):
-        table.add_row(str(i), row["candidate"], fmt_params(row["params"]), str(row["rung"]), str(row["steps"]),
+        table.add_row(str(i), row["candidate"], fmt_params(row["params"]),
+                      *([fmt_params(row["active_params"])] if moe else []), str(row["rung"]), str(row["steps"]),
                       f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-",
                       f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-")
     Console().print(table)

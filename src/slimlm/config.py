@@ -375,7 +375,11 @@ class TeacherLogitsConfig(Settings):
 class SearchConfig(Settings):
     """Architecture search (`slimlm search`, the pipeline's search stage): successive halving over candidate shapes."""
 
-    target_params: Optional[float] = setting(None, "Parameter target, e.g. 9e7.", above=0, required=True)
+    target_params: Optional[float] = setting(
+        None, "Parameter target, e.g. 9e7 (give this or --target-active-params).", above=0)
+    target_active_params: Optional[float] = setting(
+        None, "Mixture of experts: target of the parameters one token uses (routed experts counted top-k only), "
+              "e.g. 3e9, instead of --target-params; the expert count is then kept.", above=0)
     tolerance: float = setting(0.05, "Keep shapes within this fraction of the target.", above=0)
     max_width_prune: float = setting(0.55, "Largest fraction of any width axis to remove.", min=0)
     max_depth_prune: float = setting(0.4, "Largest fraction of layers to remove.", min=0)
@@ -386,13 +390,24 @@ class SearchConfig(Settings):
         True, "Also try fewer attention heads (--keep-heads: never prune heads, the paper's choice).",
         flag="--prune-heads/--keep-heads")
     hidden_step: int = setting(64, "Grid step of the hidden size.", min=1)
-    ffn_step: int = setting(128, "Grid step of the MLP size.", min=1)
+    ffn_step: int = setting(128, "Grid step of the MLP sizes (dense, expert and shared-expert).", min=1)
+    expert_step: Optional[int] = setting(
+        None, "Grid step of the expert count (default: experts / 16, at least 1, a multiple of the routing groups).",
+        min=1)
     search_budget: int = _count(
         160_000, "Distillation tokens of the whole search, shared equally by its rungs (default: what 8 candidates "
                  "x 20,000 tokens cost).", min=1)
     reduction: int = setting(
         3, "Each rung keeps the best 1/REDUCTION of its candidates (3: the best third) and distills them longer.",
         min=2)
+
+    def target(self) -> tuple[int, bool]:
+        """(parameter target, whether it counts active parameters); exactly one of the two targets is given."""
+        if (self.target_params is None) == (self.target_active_params is None):
+            raise SlimlmError("a search needs exactly one of --target-params and --target-active-params")
+        if self.target_active_params is not None:
+            return int(self.target_active_params), True
+        return int(self.target_params), False
 
 
 @dataclass(frozen=True)

@@ -433,10 +433,19 @@ def student_config(teacher_config, targets):
     shape = adapter.shape()
     validate_targets(targets, shape)
     new = target_shape(targets, shape)
-    plan = PrunePlan(shape, list(range(new.hidden)), list(range(new.layers)),
-                     {i: list(range(new.ffn)) for i in range(new.layers)},
-                     {i: list(range(new.heads)) for i in range(new.layers)},
-                     {i: list(range(new.kv_heads)) for i in range(new.layers)})
+    kept = range(new.layers)
+
+    def per_layer(block: str, size):
+        return {i: size() for i in shape.layers_with(block) if i in kept}
+
+    plan = PrunePlan(shape, list(range(new.hidden)), list(kept),
+                     {i: list(range(new.ffn)) for i in kept},
+                     {i: list(range(new.heads)) for i in kept},
+                     {i: list(range(new.kv_heads)) for i in kept},
+                     kept_experts=per_layer("moe", lambda: list(range(new.experts))),
+                     kept_expert_ffn=per_layer("moe", lambda: [list(range(new.moe_ffn))] * new.experts),
+                     kept_shared_ffn=per_layer("shared", lambda: list(range(new.shared_ffn))),
+                     kept_mamba_heads=per_layer("mamba", lambda: list(range(new.mamba_heads))))
     return adapter.new_config(plan)
 
 
@@ -453,12 +462,11 @@ def plan_run(recipe, memory) -> list[tuple[str, MemoryPlan]]:
         s_cfg = student_config(t_cfg, r.prune)
     else:  # the largest candidate the search may pick bounds the student
         from .adapters import get_adapter
-        from .search import enumerate_candidates
+        from .search import enumerate_candidates, prune_targets
 
-        best = max(enumerate_candidates(get_adapter(t_cfg), int(r.search.target_params), r.search,
-                                        max_candidates=None), key=lambda c: c.params)
-        s = best.shape
-        s_cfg = student_config(t_cfg, PruneConfig(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers))
+        adapter = get_adapter(t_cfg)
+        best = max(enumerate_candidates(adapter, r.search, max_candidates=None), key=lambda c: c.params)
+        s_cfg = student_config(t_cfg, prune_targets(best.shape, adapter.shape()))
     plans = []
     if r.corrects_teacher:
         c = r.correct_teacher

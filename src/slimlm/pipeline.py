@@ -123,16 +123,15 @@ def prune_stage(r: Recipe, run: RunFolder) -> dict:
 
 def _search_and_prune(r: Recipe, run: RunFolder) -> dict:
     from . import api
-    from .config import PruneConfig
-    from .search import search
+    from .adapters import get_adapter
+    from .search import prune_targets, search
 
     s = r.search
     run.log(f"stage search: successive halving over {s.search_budget:,} distillation tokens")
     # A search folder left by a recipe with other settings is cleared; one with the same settings is continued.
     result = search(run.teacher, run.root / "search", s, r.distill, r.importance, scores=run.scores,
                     loaded=run.teacher_model(), progress=run.progress, overwrite=True)
-    best = result["winner"]
-    targets = PruneConfig(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
+    targets = prune_targets(result["winner"], get_adapter(run.teacher_model()).shape())
     return api.prune(run.teacher, run.pruned, targets, r.importance, scores=run.scores, overwrite=True,
                      progress=run.progress)
 

@@ -179,8 +179,12 @@ def _resolve(top: dict, sections: dict[str, dict], name: str) -> Recipe:
         built[section] = cls(**values)
     if "prune" in sections and "search" in sections:
         raise SlimlmError(f"{name}: give either a prune section or a search section, not both")
-    if "search" in sections and not built["search"].target_params:
-        raise SlimlmError(f"{name}: search.target_params is required for a search")
+    if "search" in sections:
+        try:
+            built["search"].target()
+        except SlimlmError:
+            raise SlimlmError(f"{name}: a search section needs exactly one of target_params and "
+                              "target_active_params") from None
     mode = "search" if "search" in sections else "prune"
     if mode == "prune" and not built["prune"].any_size():
         raise SlimlmError(f"{name}: the prune section names no size (hidden, ffn, heads, kv_heads, layers or drop_layers)")

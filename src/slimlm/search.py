@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
@@ -48,15 +48,44 @@ from .errors import SlimlmError
 LADDER_FILE = "ladder.json"
 
 
+#: the width axes of a candidate shape (Shape fields); an axis the model lacks keeps its one value
+WIDTH_AXES = ("hidden", "ffn", "heads", "experts", "moe_ffn", "shared_ffn", "mamba_heads")
+#: the sizes a candidate prunes to, as PruneConfig settings of the same names
+PRUNED_AXES = ("layers",) + WIDTH_AXES
+#: the block of a layer that makes an axis exist, and the axis' letter in a candidate's name
+_AXIS_BLOCK = {"ffn": "mlp", "heads": "attention", "experts": "moe", "moe_ffn": "moe", "shared_ffn": "shared",
+               "mamba_heads": "mamba"}
+_LETTER = {"layers": "L", "hidden": "H", "ffn": "F", "heads": "Q", "experts": "E", "moe_ffn": "M", "shared_ffn": "S",
+           "mamba_heads": "MH"}
+#: largest grid counted at once (shapes per depth); a larger one is thinned (see `axis_grids`)
+MAX_GRID = 2_000_000
+#: most valid shapes kept, the closest to the target first, before the spread is chosen
+MAX_POOL = 20_000
+
+
+def model_axes(shape: Shape) -> tuple[str, ...]:
+    """The pruned axes a model of `shape` has (depth and hidden always; the others where a layer holds their block)."""
+    return tuple(a for a in PRUNED_AXES if a not in _AXIS_BLOCK or (shape.layers_with(_AXIS_BLOCK[a]) and getattr(shape, a)))
+
+
 @dataclass(frozen=True)
 class Candidate:
+    """A shape of the search, with its total and active (per-token) parameter counts."""
+
     shape: Shape
     params: int
+    active_params: int
 
     @property
     def name(self) -> str:
-        s = self.shape
-        return f"L{s.layers}-H{s.hidden}-F{s.ffn}-Q{s.heads}"
+        """e.g. L24-H1536-F4096-Q12 (dense), L24-H1536-Q12-E96-M512 (MoE): the axes the model has."""
+        return "-".join(f"{_LETTER[a]}{getattr(self.shape, a)}" for a in model_axes(self.shape))
+
+
+def prune_targets(sizes, source: Shape, **settings) -> PruneConfig:
+    """The PruneConfig of a candidate (a Shape or a ranking row): the size of every axis the source model has."""
+    get = sizes.get if isinstance(sizes, dict) else lambda name: getattr(sizes, name, None)
+    return PruneConfig(**{a: get(a) for a in model_axes(source) if get(a)}, **settings)
 
 
 def _grid(low: float, high: int, step: int) -> list[int]:
@@ -67,60 +96,127 @@ def _grid(low: float, high: int, step: int) -> list[int]:
     return values
 
 
-def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchConfig | None = None,
-                         **overrides) -> list[Candidate]:
-    """Uniform shapes within ±`tolerance` of `target_params` (settings: `SearchConfig`).
+def _expert_grid(s: Shape, low: float, step: int | None) -> list[int]:
+    """Expert counts down to `low` x the experts: multiples of the routing groups, never below top-k."""
+    groups = max(s.expert_groups, 1)
+    step = step or max(1, s.experts // 16)
+    step = math.ceil(step / groups) * groups
+    values = [e for e in range(step, s.experts + 1, step) if e >= s.experts * low and e >= s.experts_per_token]
+    return values if s.experts in values else values + [s.experts]
 
-    Grids: layers from (1 - max_depth_prune)·L to L; hidden and MLP sizes on multiples
-    of `hidden_step` / `ffn_step` down to (1 - max_width_prune) of the original; query
-    heads on multiples of the KV heads (or the original count with `prune_heads=False`;
-    the paper kept heads when width-pruning).  Parameters are counted analytically.
-    With `max_candidates` None, every qualifying shape, closest to the target first.
-    When more shapes qualify than `max_candidates`, a spread of them: the closest to the
-    target, then each time the shape farthest from those chosen (layers, hidden, MLP and
-    heads as fractions of the original); any prefix of the list is a spread too.
+
+def axis_grids(adapter: Adapter, config: SearchConfig, active: bool) -> dict[str, list[int]]:
+    """The values each width axis may take (one value: the axis is not searched).
+
+    Hidden and MLP-type sizes on multiples of `hidden_step` / `ffn_step` (the expert and
+    shared-expert sizes too), query heads on multiples of the KV heads, Mamba heads on multiples
+    of the Mamba groups (every group keeps the same number), experts on multiples of
+    `expert_step`; each down to (1 - max_width_prune) of the original.  The expert count is
+    searched only against a total target: with an active target it changes no active parameter,
+    so fewer experts would only lose capacity at the same per-token compute.  A grid of more than
+    MAX_GRID shapes is thinned, every other value of its longest axis at a time (the original
+    size always kept).
     """
+    c, s = config, adapter.shape()
+    low = 1.0 - c.max_width_prune
+    axes = model_axes(s)
+    grids = {a: [getattr(s, a)] for a in WIDTH_AXES}
+    grids["hidden"] = _grid(s.hidden * low, s.hidden, c.hidden_step)
+    for a in ("ffn", "moe_ffn", "shared_ffn"):
+        if a in axes:
+            grids[a] = _grid(getattr(s, a) * low, getattr(s, a), c.ffn_step)
+    if "heads" in axes and c.prune_heads:
+        grids["heads"] = [h for h in range(s.kv_heads, s.heads + 1, s.kv_heads) if h >= s.heads * low]
+    if "experts" in axes and not active:
+        grids["experts"] = _expert_grid(s, low, c.expert_step)
+    if "mamba_heads" in axes:
+        g = max(s.mamba_groups, 1)
+        grids["mamba_heads"] = [m for m in range(g, s.mamba_heads + 1, g) if m >= s.mamba_heads * low]
+    while math.prod(len(v) for v in grids.values()) > MAX_GRID:
+        longest = max(grids, key=lambda a: len(grids[a]))
+        grids[longest] = grids[longest][::-1][::2][::-1]
+    return grids
+
+
+def depth_grid(source: Shape, config: SearchConfig) -> list[int]:
+    """Layer counts from (1 - max_depth_prune) x L to L; only L when the layers differ (a hybrid, or
+    a MoE with dense layers): which layers go then depends on the depth scores, and with them the
+    parameter count."""
+    if len(set(source.layer_blocks)) > 1:
+        return [source.layers]
+    return list(range(max(1, math.ceil(source.layers * (1.0 - config.max_depth_prune))), source.layers + 1))
+
+
+def enumerate_candidates(adapter: Adapter, config: SearchConfig | None = None, **overrides) -> list[Candidate]:
+    """Uniform shapes within ±`tolerance` of the parameter target (settings: `SearchConfig`).
+
+    The target is `target_params` (total) or `target_active_params` (what one token uses: of
+    the routed experts only the top-k).  The shapes are every combination of `depth_grid` and
+    `axis_grids`, each made from the source shape (`dataclasses.replace`, so a MoE or hybrid
+    keeps its layer pattern) and counted by the adapter's analytic `param_count`, a whole grid
+    at once; shapes transformers would refuse (`Adapter.validate_shape`) are left out.  With
+    `max_candidates` None, every qualifying shape (at most MAX_POOL), closest to the target
+    first.  When more shapes qualify than `max_candidates`, a spread of them: the closest to the
+    target, then each time the shape farthest from those chosen (every axis as a fraction of
+    the original); any prefix of the list is a spread too.
+    """
+    import numpy as np
+
     c = SearchConfig.make(config, **overrides)
+    target, active = c.target()
     tolerance, max_width_prune, max_depth_prune = c.tolerance, c.max_width_prune, c.max_depth_prune
-    hidden_step, ffn_step, max_candidates, prune_heads = c.hidden_step, c.ffn_step, c.max_candidates, c.prune_heads
     s = adapter.shape()
-    if not 0 < target_params < adapter.param_count(s):
-        raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
+    full = adapter.param_count(s, active=active)
+    flag = "--target-active-params" if active else "--target-params"
+    if not 0 < target < full:
+        raise SlimlmError(f"{flag} must be between 0 and the model's {full:,}" + (" active parameters" if active else ""))
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
-    low_w = 1.0 - max_width_prune
-    layers = range(max(1, math.ceil(s.layers * (1.0 - max_depth_prune))), s.layers + 1)
-    hiddens = _grid(s.hidden * low_w, s.hidden, hidden_step)
-    ffns = _grid(s.ffn * low_w, s.ffn, ffn_step)
-    heads = [h for h in range(s.kv_heads, s.heads + 1, s.kv_heads) if h >= s.heads * low_w] if prune_heads else [s.heads]
+    grids = axis_grids(adapter, c, active)
+    found = []
+    for n in depth_grid(s, c):
+        mesh = np.meshgrid(*[np.asarray(grids[a], dtype=np.int64) for a in WIDTH_AXES], indexing="ij")
+        cols = {a: m.reshape(-1) for a, m in zip(WIDTH_AXES, mesh)}
+        shapes = replace(s, layers=n, layer_blocks=s.layer_blocks[:n], **cols,
+                         experts_per_token=np.minimum(s.experts_per_token, cols["experts"]))
+        totals = np.broadcast_to(adapter.param_count(shapes), cols["hidden"].shape)
+        actives = np.broadcast_to(adapter.param_count(shapes, active=True), cols["hidden"].shape)
+        counted = actives if active else totals
+        hit = np.nonzero(np.abs(counted - target) <= tolerance * target)[0]
+        found.append((np.full(len(hit), n), {a: v[hit] for a, v in cols.items()}, totals[hit], actives[hit]))
+    layers = np.concatenate([f[0] for f in found])
+    cols = {a: np.concatenate([f[1][a] for f in found]) for a in WIDTH_AXES}
+    totals, actives = (np.concatenate([f[i] for f in found]) for i in (2, 3))
+    distance = np.abs((actives if active else totals) - target)
     out = []
-    for n in layers:
-        for h in hiddens:
-            for f in ffns:
-                for q in heads:
-                    shape = Shape(n, h, f, q, s.kv_heads, s.head_dim, s.vocab, s.tied)
-                    if adapter.hidden_divisible_by_heads and h % q:
-                        continue
-                    p = adapter.param_count(shape)
-                    if abs(p - target_params) <= tolerance * target_params:
-                        out.append(Candidate(shape, p))
+    for i in np.lexsort((-cols["hidden"], -layers, distance)):  # closest first, then deeper, then wider
+        n = int(layers[i])
+        widths = {a: int(cols[a][i]) for a in WIDTH_AXES}
+        shape = replace(s, layers=n, layer_blocks=s.layer_blocks[:n], **widths,
+                        experts_per_token=min(s.experts_per_token, widths["experts"]))
+        try:
+            adapter.validate_shape(shape)
+        except SlimlmError:
+            continue
+        out.append(Candidate(shape, int(totals[i]), int(actives[i])))
+        if len(out) == MAX_POOL:
+            break
     if not out:
         raise SlimlmError(
-            f"no uniform shape within ±{tolerance:.0%} of {target_params:,} parameters under the pruning caps "
-            f"(width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or the caps"
+            f"no uniform shape within ±{tolerance:.0%} of {target:,} {'active ' if active else ''}parameters under the "
+            f"pruning caps (width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or the caps"
         )
-    out.sort(key=lambda c: (abs(c.params - target_params), -c.shape.layers, -c.shape.hidden))
-    if not max_candidates or len(out) <= max_candidates:
+    if not c.max_candidates or len(out) <= c.max_candidates:
         return out
-    return _spread(out, s, max_candidates)
+    return _spread(out, s, c.max_candidates)
 
 
 def _spread(candidates: list[Candidate], source: Shape, k: int) -> list[Candidate]:
     """`k` candidates far apart in shape (farthest-point sampling from the first one)."""
     import numpy as np
 
-    x = np.array([[c.shape.layers / source.layers, c.shape.hidden / source.hidden, c.shape.ffn / source.ffn,
-                   c.shape.heads / source.heads] for c in candidates])
+    axes = model_axes(source)
+    x = np.array([[getattr(c.shape, a) / getattr(source, a) for a in axes] for c in candidates])
     chosen = [0]
     dist = np.linalg.norm(x - x[0], axis=1)
     while len(chosen) < k:
@@ -193,8 +289,9 @@ def _row(cand: Candidate, rung: Rung, result, plan, tokens_per_step: int) -> dic
     s = cand.shape
     return {
         "candidate": cand.name,
-        **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
-        "params": cand.params, "rung": rung.index, "steps": rung.steps, "tokens": rung.steps * tokens_per_step,
+        **{k: v for k, v in s.as_dict().items() if k in PRUNED_AXES + ("kv_heads",)},
+        "params": cand.params, "active_params": cand.active_params,
+        "rung": rung.index, "steps": rung.steps, "tokens": rung.steps * tokens_per_step,
         "val_kl": result.metrics.get("val_kl"), "val_lm_loss": result.metrics.get("val_lm_loss"),
         "seconds": result.elapsed_s, "kept_layers": plan.kept_layers,
     }
@@ -229,9 +326,7 @@ def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
-        s = cand.shape
-        targets = PruneConfig(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
-        plan = make_plan(scores, source, targets)
+        plan = make_plan(scores, source, prune_targets(cand.shape, source, depth_metric=depth_metric))
         student = prune_model(teacher_model, plan)
         resume = latest_checkpoint(folder / "student" / "run") is not None
         print(f"[search rung {rung.index}, {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters, "
@@ -275,17 +370,31 @@ def keep_winner(out: Path, best: str) -> Path:
     return dst
 
 
+#: ranking-table columns of the axes (shown when some row has a non-zero value)
+AXIS_COLUMNS = {"layers": "layers", "hidden": "hidden", "ffn": "ffn", "heads": "heads", "experts": "experts",
+                "moe_ffn": "expert ffn", "shared_ffn": "shared ffn", "mamba_heads": "Mamba heads"}
+
+
+def table_columns(rows: list[dict]) -> tuple[list[str], bool]:
+    """(axes shown, whether an active-parameter column is shown) for ranking rows."""
+    axes = [a for a in AXIS_COLUMNS if any(row.get(a) for row in rows)]
+    active = any(row.get("active_params") not in (None, row.get("params")) for row in rows)
+    return axes, active
+
+
 def ranking_table(rows: list[dict], kept: int | None = None) -> list[str]:
     """A Markdown table of ranked candidates (`kept`: how many of them go on to the next rung)."""
-    lines = ["| rank | candidate | layers | hidden | ffn | heads | parameters | steps | val KL | val LM loss |"
-             + (" next rung |" if kept is not None else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kept is not None else "")]
+    axes, active = table_columns(rows)
+    header = ["rank", "candidate"] + [AXIS_COLUMNS[a] for a in axes] + ["parameters"] + (["active"] if active else [])
+    header += ["steps", "val KL", "val LM loss"] + (["next rung"] if kept is not None else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows, 1):
         kl = f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-"
         lm = f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-"
-        lines.append(f"| {i} | {row['candidate']} | {row['layers']} | {row['hidden']} | {row['ffn']} | {row['heads']} "
-                     f"| {row['params'] / 1e6:.2f}M | {row['steps']} | {kl} | {lm} |"
-                     + ((" yes |" if i <= kept else " |") if kept is not None else ""))
+        cells = [str(i), row["candidate"]] + [str(row.get(a, "-")) for a in axes] + [f"{row['params'] / 1e6:.2f}M"]
+        cells += [f"{row['active_params'] / 1e6:.2f}M"] if active else []
+        cells += [str(row["steps"]), kl, lm] + ([("yes" if i <= kept else "")] if kept is not None else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -339,8 +448,8 @@ def search(
 ) -> dict:
     """The whole search: what `slimlm search` and the pipeline's search stage run.
 
-    Enumerates candidate shapes near `config.target_params`, scores importance (or reuses
-    `scores`, default OUT/scores.safetensors when it exists), adds the contiguous-block losses
+    Enumerates candidate shapes near `config.target_params` (or `target_active_params`), scores
+    importance (or reuses `scores`, default OUT/scores.safetensors when it exists), adds the contiguous-block losses
     the depth candidates need, then runs the successive-halving ladder (module doc) with the
     `distill` settings (its data is `importance.data`; calibration windows use the
     distillation's seq_len).  Writes OUT/ladder.json (the plan), OUT/rungs/rung-R.{json,md}
@@ -360,13 +469,12 @@ def search(
     made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
                            importance=(ImportanceConfig, importance))
     c, d, imp = made["search"], made["distill"], made["importance"]
-    if c.target_params is None:
-        raise SlimlmError("--target-params is required for a search")
+    c.target()  # exactly one target
     api.check_importance_config(imp)
     # -- every check before any output exists -------------------------------------------------
     out = Path(output).expanduser()
     adapter = get_adapter(loaded.config if loaded is not None else load_config(model))
-    candidates = enumerate_candidates(adapter, int(c.target_params), c)
+    candidates = enumerate_candidates(adapter, c)
     tokens_per_step = (d.global_batch or d.micro_batch) * d.seq_len
     budget_steps = c.search_budget // tokens_per_step
     rungs = fit_ladder(len(candidates), budget_steps, c.reduction)

@@ -435,7 +435,9 @@ class Adapter:
         """Parameters of a model of this family with `shape`, counted from the tensor rules.
 
         `active=True` counts what one token uses: of the routed experts only the top-k
-        (shared experts, routers and everything else in full).
+        (shared experts, routers and everything else in full).  Integer arithmetic only, so
+        the width fields of `shape` may also be numpy integer arrays (the search counts a
+        whole grid of shapes in one call); `layers` and `layer_blocks` must be plain.
         """
         if self.shape().layer_blocks and len(shape.layer_blocks) != shape.layers:
             raise SlimlmError(
@@ -443,25 +445,28 @@ class Adapter:
                 "(Shape.layer_blocks, one entry per layer)"
             )
         sizes = self.axis_sizes(shape)
-        fraction = shape.experts_per_token / shape.experts if active and shape.experts else 1.0
 
-        def numel(rule: dict[int, str]) -> float:
+        def numel(rule: dict[int, str]):
             n = 1
             for axis in rule.values():
-                n *= sizes[axis]
-            return n * fraction if EXPERT in rule.values() else n
+                n = n * sizes[axis]
+            if active and EXPERT in rule.values():  # a token runs top-k of the experts
+                return n // sizes[EXPERT] * shape.experts_per_token
+            return n
 
-        total = 0.0
+        total = 0
         for name, rule in self.top_tensors.items():
             if self.has_tensor(name) and not (name == "lm_head.weight" and shape.tied):
-                total += numel(rule)
+                total = total + numel(rule)
+        blocks = [shape.blocks(layer) for layer in range(shape.layers)]
+        used = {b for layer_blocks in blocks for b in layer_blocks} | {"norms"}
         per_block = {
             block: sum(numel(rule) for name, rule in rules.items() if self.has_tensor(name))
-            for block, rules in self.layer_tensors.items()
+            for block, rules in self.layer_tensors.items() if block in used
         }
-        for layer in range(shape.layers):
-            total += per_block.get("norms", 0) + sum(per_block.get(b, 0) for b in shape.blocks(layer))
-        return round(total)
+        for layer_blocks in blocks:
+            total = total + per_block.get("norms", 0) + sum(per_block.get(b, 0) for b in layer_blocks)
+        return total
 
 
 _LAYER_NUMBER = re.compile(r"(?<=layers\.)\d+(?=\.)")

@@ -3,7 +3,9 @@
 The run folder is searched (a few levels deep) for what earlier steps wrote, and each
 section appears only when its input is there:
 - ``*scores*.safetensors`` (from `slimlm importance`/`prune`): layer importance per
-  depth metric, head and neuron heatmaps, the hidden-channel score distribution;
+  depth metric, head and neuron heatmaps, the hidden-channel score distribution; for a
+  mixture of experts, per-layer heatmaps of the experts' REAP scores and routing
+  frequency; for a hybrid, the Mamba heads' scores;
 - ``metrics.jsonl`` (from `slimlm distill`): training and validation curves;
 - ``eval.json`` (from `slimlm eval`, in model folders; models that ``slimlm.json``
   names as source/teacher/student are followed): the before/after table;
@@ -233,9 +235,9 @@ DEPTH_LABELS = {
 }
 
 
-def _row_relative(t):
-    """Each row divided by its largest value, floored at 1e-3 (for a log colour scale)."""
-    return (t.abs() / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-3).numpy()
+def _row_relative(t, floor: float = 1e-3):
+    """Each row divided by its largest value, floored at `floor` (1e-3 suits a log colour scale)."""
+    return (t.abs() / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).clamp_min(floor).numpy()
 
 
 def _log_norm():
@@ -243,6 +245,26 @@ def _log_norm():
 
     # Scores span orders of magnitude inside a layer; a linear scale shows only the outliers.
     return LogNorm(vmin=1e-3, vmax=1.0)
+
+
+def expert_panels(tensors: dict) -> list[tuple[str, object, str]]:
+    """(title, [MoE layers, experts] matrix, colour label) of each expert heatmap a scores file allows.
+
+    REAP scores are shown relative to each layer's largest (experts compete within their layer);
+    routing frequency as it is, the share of tokens routed to each expert.
+    """
+    panels = []
+    reap, freq = tensors.get("experts_reap"), tensors.get("experts_frequency")
+    if reap is not None and reap.dim() == 2 and reap.numel():
+        panels.append(("REAP (router-weighted activation norm)", _row_relative(reap, floor=0.0), "score / layer max"))
+    if freq is not None and freq.dim() == 2 and freq.numel():
+        panels.append(("routing frequency", freq.numpy(), "share of tokens"))
+    if not panels:  # scores of a baseline: magnitude or random expert rankings
+        for kind in ("magnitude", "random"):
+            t = tensors.get(f"experts_{kind}")
+            if t is not None and t.dim() == 2 and t.numel():
+                panels.append((f"{kind} (baseline)", _row_relative(t, floor=0.0), "score / layer max"))
+    return panels
 
 
 def score_figures(tag: str, scores: dict) -> list[Figure]:
@@ -311,6 +333,33 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         b.set_yscale("log" if float(hidden.min()) > 0 else "linear")
         b.set_title("sorted", fontsize=10)
         figs.append(Figure(f"{tag}hidden", "Hidden-channel importance", _png(fig), "Scores summed over every norm site feeding a projection."))
+    panels = expert_panels(t)
+    if panels:
+        n_layers, n_experts = panels[0][1].shape
+        fig, axes = plt.subplots(1, len(panels), figsize=(min(3 + 0.35 * n_experts, 9) * len(panels),
+                                                          min(1.8 + 0.3 * n_layers, 10)), squeeze=False)
+        for ax, (title, matrix, label) in zip(axes[0], panels):
+            im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("expert")
+            ax.set_ylabel("MoE layer")
+            _integer_ticks(ax)
+            _integer_yticks(ax)
+            fig.colorbar(im, ax=ax, label=label)
+        figs.append(Figure(f"{tag}experts", "Expert importance", _png(fig),
+                           "Experts are ranked within their layer; pruning keeps the highest. Routing frequency: share "
+                           "of tokens sent to each expert (top-k of them per token); 0 means never routed."))
+    mamba = t.get("mamba_heads")
+    if mamba is not None and mamba.dim() == 2 and mamba.numel():
+        fig, ax = plt.subplots(figsize=(min(2 + 0.4 * mamba.shape[1], 12), min(1.5 + 0.3 * mamba.shape[0], 10)))
+        im = ax.imshow(_row_relative(mamba), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+        ax.set_xlabel("Mamba head")
+        ax.set_ylabel("Mamba layer")
+        _integer_ticks(ax)
+        _integer_yticks(ax)
+        fig.colorbar(im, ax=ax, label="importance / layer max")
+        figs.append(Figure(f"{tag}mamba_heads", "Mamba-head importance", _png(fig),
+                           "Heads are ranked within their group; every group keeps the same number."))
     sites = t.get("hidden_sites")
     if sites is not None and sites.dim() == 2 and sites.shape[0] > 1:
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.15 * sites.shape[0], 10)))
@@ -402,20 +451,25 @@ def chat_rows(evals: list[tuple[Path, dict]], width: int = 400) -> tuple[list[st
 
 
 def search_tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) of each rung of each search in the run."""
-    header = ["rank", "candidate", "layers", "hidden", "ffn", "heads", "parameters", "steps", "val KL", "next rung"]
+    """(title, header, rows) of each rung of each search in the run (MoE and Mamba axes when the rows have them)."""
+    from ..search import AXIS_COLUMNS, table_columns
+
     tables = []
     for folder, rungs in run.searches:
         where = "" if folder == run.root else f" ({folder.relative_to(run.root)})"
         for rung in rungs:
             last = rung.get("kept") == 1  # the final rung keeps only the winner (every other keeps 2 or more)
+            axes, active = table_columns(rung["ranking"])
+            header = (["rank", "candidate"] + [AXIS_COLUMNS[a] for a in axes] + ["parameters"]
+                      + (["active"] if active else []) + ["steps", "val KL", "next rung"])
             rows = []
             for i, row in enumerate(rung["ranking"], 1):
                 kl = row.get("val_kl")
                 fate = ("winner" if i == 1 else "") if last else ("yes" if i <= rung.get("kept", 0) else "")
-                rows.append([str(i), str(row.get("candidate")), str(row.get("layers")), str(row.get("hidden")),
-                             str(row.get("ffn")), str(row.get("heads")), f"{(row.get('params') or 0) / 1e6:.2f}M",
-                             str(row.get("steps")), f"{kl:.4f}" if isinstance(kl, (int, float)) else "-", fate])
+                rows.append([str(i), str(row.get("candidate"))] + [str(row.get(a)) for a in axes]
+                            + [f"{(row.get('params') or 0) / 1e6:.2f}M"]
+                            + ([f"{(row.get('active_params') or 0) / 1e6:.2f}M"] if active else [])
+                            + [str(row.get("steps")), f"{kl:.4f}" if isinstance(kl, (int, float)) else "-", fate])
             tables.append((f"Search{where}, rung {rung['index']}: {rung.get('candidates')} candidates at "
                            f"{rung.get('steps')} steps", header, rows))
     return tables

@@ -201,3 +201,16 @@ def test_search_rungs_of_a_moe_show_its_axes_in_the_report(tmp_path):
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "| rank | candidate | layers | hidden | heads | experts | expert ffn | parameters | active | steps |" in md
     assert re.search(r"^\| 2 \| B \| 4 \| 48 \| 6 \| 4 \| 16 \| 0.09M \| 0.04M \| 1 \|", md, re.M)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "nemotron_h"])
+def test_the_memory_planners_student_config_has_the_pruned_moe_and_mamba_sizes(family):
+    from slimlm.config import PruneConfig
+    from slimlm.memory import student_config
+
+    model = tiny_model(family)
+    s = get_adapter(model).shape()
+    targets = PruneConfig(hidden=40, experts=4, moe_ffn=16, shared_ffn=20, mamba_heads=4 if s.mamba_heads else None)
+    planned = student_config(model.config, targets)
+    real = prune_model(model, make_plan(random_scores(s, seed=0), s, targets)).config
+    assert get_adapter(planned).shape() == get_adapter(real).shape()

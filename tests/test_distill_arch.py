@@ -59,3 +59,64 @@ def test_the_distillation_loss_sees_the_models_own_logits(family):
     ce = F.cross_entropy(s_logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1), reduction="sum")
     assert sums[0].item() == pytest.approx(kl.item(), rel=1e-4)
     assert sums[1].item() == pytest.approx(ce.item(), rel=1e-4)
+
+
+def _teacher_and_student(family, targets, tmp_path):
+    teacher = tiny_model(family)
+    shape = get_adapter(teacher).shape()
+    student = prune_model(teacher, make_plan(random_scores(shape, seed=1), shape, PruneConfig(**targets)))
+    for model, name in ((teacher, "teacher"), (student, "student")):
+        model.save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    return str(tmp_path / "teacher"), str(tmp_path / "student")
+
+
+STUDENTS = [("qwen2_moe", dict(experts=4, moe_ffn=16, shared_ffn=20)),
+            ("nemotron_h", dict(experts=4, mamba_heads=4, drop_layers="3"))]
+
+
+@pytest.mark.parametrize("family, targets", STUDENTS)
+def test_resume_eval_and_card_of_a_moe_or_hybrid_student(family, targets, tmp_path, text_file):
+    """A stopped and resumed distillation ends with the same weights as an uninterrupted one; the student's
+    perplexity equals a direct log-likelihood; its model card shows its MoE / Mamba sizes and active count."""
+    from safetensors.torch import load_file
+
+    from slimlm.card import write_model_card
+    from slimlm.evaluate import evaluate
+
+    teacher, student = _teacher_and_student(family, targets, tmp_path)
+    kw = dict(tokens=4 * 2 * SEQ, seq_len=SEQ, micro_batch=2, lr=2e-3, warmup=1, eval_every=0, save_every=0,
+              heldout=2, progress=False, tensorboard=False)
+    distill(teacher, student, str(text_file), tmp_path / "a", **kw)
+    part = distill(teacher, student, str(text_file), tmp_path / "b", stop_after=2, **kw)
+    assert not part.complete and part.steps == 2
+    done = distill(teacher, student, str(text_file), tmp_path / "b", resume=True, **kw)
+    assert done.complete and done.steps == 4
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "b"
+    result = evaluate(str(out), ppl=str(text_file), seq_len=SEQ, max_tokens=SEQ - 1, save=True)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = tiny_tokenizer()(text_file.read_text())["input_ids"][: SEQ - 1]
+    x = torch.tensor([[tiny_tokenizer().bos_token_id] + ids]) if result["perplexity"]["bos"] else torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(x).logits[0, :-1]
+    nll = F.cross_entropy(logits, x[0, 1:], reduction="mean").item()
+    assert result["perplexity"]["nll"] == pytest.approx(nll, rel=1e-5)
+
+    card = write_model_card(out).read_text()
+    adapter = get_adapter(model)
+    shape = adapter.shape()
+    header = next(line for line in card.splitlines() if line.startswith("| family |"))
+    values = card.splitlines()[card.splitlines().index(header) + 2]
+    cells = dict(zip(header.strip("|").split(" | "), values.strip("|").split(" | ")))
+    cells = {k.strip(): v.strip() for k, v in cells.items()}
+    assert cells["experts"] == str(shape.experts) == "4" and cells["expert ffn"] == str(shape.moe_ffn)
+    real_active = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() * (1 - shape.experts_per_token / shape.experts)
+        for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters(recurse=False))
+    assert cells["active parameters"] == f"{real_active / 1e6:,.1f}M"
+    if shape.mamba_heads:
+        assert cells["Mamba heads"] == "4"
+    assert "| perplexity |" in card  # the evaluation just saved

@@ -164,6 +164,11 @@ def _method_lines(chain: list[dict]) -> list[str]:
     return lines
 
 
+#: Shape fields shown on a card when the model has them (label beside)
+_EXTRA_SIZES = (("experts", "experts"), ("experts_per_token", "experts per token"), ("moe_ffn", "expert ffn"),
+                ("shared_ffn", "shared-expert ffn"), ("mamba_heads", "Mamba heads"), ("mamba_head_dim", "Mamba head dim"))
+
+
 def _shape_table(folder: Path) -> list[str]:
     config = _read_json(folder / "config.json")
     if not config:
@@ -179,10 +184,17 @@ def _shape_table(folder: Path) -> list[str]:
         row = [config.get("model_type"), shape.layers, shape.hidden, shape.ffn, shape.heads, shape.kv_heads,
                shape.head_dim, shape.vocab, f"{params / 1e6:,.1f}M"]
     except Exception:  # an unsupported family still gets a card, without the parameter count
+        shape = None
         row = [config.get("model_type"), config.get("num_hidden_layers"), config.get("hidden_size"),
                config.get("intermediate_size"), config.get("num_attention_heads"), config.get("num_key_value_heads"),
                config.get("head_dim"), config.get("vocab_size"), "-"]
     header = ["family", "layers", "hidden", "ffn", "heads", "kv heads", "head dim", "vocab", "parameters"]
+    if shape is not None:  # mixture-of-experts and Mamba sizes, and what one token uses
+        extra = [(label, getattr(shape, name)) for name, label in _EXTRA_SIZES if getattr(shape, name)]
+        if shape.experts:
+            extra.append(("active parameters", f"{adapter.param_count(shape, active=True) / 1e6:,.1f}M"))
+        header += [label for label, _ in extra]
+        row += [value for _, value in extra]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             "| " + " | ".join(_fmt(v) for v in row) + " |"]
 

@@ -120,3 +120,46 @@ def test_resume_eval_and_card_of_a_moe_or_hybrid_student(family, targets, tmp_pa
     if shape.mamba_heads:
         assert cells["Mamba heads"] == "4"
     assert "| perplexity |" in card  # the evaluation just saved
+
+
+ROUTER_LOSS_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", ROUTER_LOSS_FAMILIES)
+def test_the_router_aux_loss_is_what_transformers_adds(family):
+    """With `router_weight`, the training loss is the KD loss plus weight x the aux loss that the family's
+    own ForCausalLM computes from `output_router_logits` (an independent full forward)."""
+    from slimlm.distill.modules import router_loss_weight
+
+    teacher, student = tiny_model(family, seed=0), tiny_model(family, seed=1)
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    weight = router_loss_weight(student.config)
+    assert weight == student.config.router_aux_loss_coef > 0
+    with torch.no_grad():
+        t_hidden, _ = TeacherForward(teacher)(ids)
+        plain = StudentObjective(student, chunk_size=8)(ids, t_hidden, {}, lm_head(teacher))
+        with_aux = StudentObjective(student, chunk_size=8, router_weight=weight)(ids, t_hidden, {}, lm_head(teacher))
+        aux = student(ids, output_router_logits=True).aux_loss
+    assert aux.item() > 0 and torch.equal(with_aux["kd"], plain["kd"])
+    assert with_aux["loss"].item() == pytest.approx(plain["loss"].item() + weight * aux.item(), rel=1e-5)
+
+
+def test_distill_with_the_router_aux_loss_and_its_refusals(tmp_path, text_file):
+    teacher, student = _teacher_and_student("qwen3_moe", dict(experts=4), tmp_path)
+    kw = dict(tokens=2 * 2 * SEQ, seq_len=SEQ, micro_batch=2, warmup=0, eval_every=0, save_every=0, heldout=2,
+              progress=False, tensorboard=False)
+    result = distill(teacher, student, str(text_file), tmp_path / "aux", router_aux_loss=True, **kw)
+    records = [json.loads(line) for line in (tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert result.complete and all(r["loss"] > r["kd"] for r in train)  # the aux loss is in the training loss
+    plain = distill(teacher, student, str(text_file), tmp_path / "plain", **kw)
+    assert plain.complete
+    first = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["loss"] == pytest.approx(first["kd"])  # off by default: logits only
+    from slimlm.errors import SlimlmError
+
+    for family, targets in (("nemotron_h", dict(experts=4)), ("llama", dict(ffn=40))):
+        t, s = _teacher_and_student(family, targets, tmp_path / family)
+        with pytest.raises(SlimlmError, match="no router load-balancing loss"):
+            distill(t, s, str(text_file), tmp_path / family / "out", router_aux_loss=True, **kw)
+        assert not (tmp_path / family / "out").exists()

@@ -293,6 +293,9 @@ class DistillConfig(Settings):
     layer_map: Optional[str] = setting(
         None, "Student:teacher layer pairs for --hidden-loss, e.g. 0:1,1:3 (default evenly spaced).")
     hidden_weight: float = setting(1.0, "Weight of the hidden-state loss.", min=0)
+    router_aux_loss: bool = setting(
+        False, "MoE students: add the student's router load-balancing loss, weighted by its config's "
+               "router_aux_loss_coef, as transformers trains MoEs (default: logits only, as the paper).")
     mode: str = setting("kd", "kd (distillation) or lm (plain LM loss, a baseline).")
     chunk_size: int = setting(
         512, "Tokens per loss chunk (vocabulary-sized memory is a few chunk x vocab tensors); 0: one chunk.", min=0)

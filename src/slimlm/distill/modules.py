@@ -40,6 +40,38 @@ def logit_scale(model: nn.Module) -> float:
     return float(getattr(c, "lm_head_multiplier", None) or 1.0) / float(getattr(c, "logits_scaling", None) or 1.0)
 
 
+def router_loss_weight(config) -> float:
+    """The weight of a MoE's router load-balancing loss (its config's `router_aux_loss_coef`).
+
+    SlimlmError when transformers gives the family no such loss (dense models; Nemotron-H, whose
+    router balances its experts with a score-correction bias instead).
+    """
+    if _router_loss_function(config) is None or getattr(config, "router_aux_loss_coef", None) is None:
+        raise SlimlmError(f"--router-aux-loss: transformers has no router load-balancing loss for "
+                          f"'{config.model_type}' (only for mixture-of-experts families that train with one)")
+    return float(config.router_aux_loss_coef)
+
+
+def _router_loss_function(config):
+    """transformers' `load_balancing_loss_func` of the config's family (None when it has none)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    return getattr(module, "load_balancing_loss_func", None)
+
+
+def router_balance_loss(model: nn.Module, router_logits) -> torch.Tensor:
+    """The load-balancing loss of `router_logits` (one [tokens, experts] tensor per MoE layer), unweighted:
+    what the family's ForCausalLM adds (times router_aux_loss_coef) when it trains with output_router_logits."""
+    from ..adapters import get_adapter
+
+    shape = get_adapter(model).shape()
+    return _router_loss_function(model.config)(tuple(router_logits), shape.experts, shape.experts_per_token)
+
+
 def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """Pair every student layer with an evenly spaced teacher layer (last with last)."""
     return [(i, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
@@ -158,8 +190,11 @@ class StudentObjective(_Delegating):
         teacher_hidden_size: int | None = None,
         chunk_size: int = 512,
         fused: bool = True,
+        router_weight: float = 0.0,
     ):
         super().__init__()
+        # > 0: the training loss adds the student's router load-balancing loss with this weight
+        self.router_weight = router_weight
         self.hf_model = student
         self.mode, self.loss_name, self.temperature = mode, loss, temperature
         self.ce_weight, self.hidden_loss, self.hidden_weight = ce_weight, hidden_loss, hidden_weight
@@ -178,8 +213,11 @@ class StudentObjective(_Delegating):
 
     def forward(self, input_ids, teacher_hidden=None, teacher_taps=None, teacher_head=None, metrics: bool = False):
         tap = [s for s, _ in self.layer_map] if (self.hidden_loss and not metrics) else []
+        router = bool(self.router_weight) and not metrics
         with tap_layers(self.hf_model, tap) as taps:
-            hidden = decoder(self.hf_model)(input_ids=input_ids, use_cache=False).last_hidden_state
+            outputs = decoder(self.hf_model)(input_ids=input_ids, use_cache=False,
+                                             **({"output_router_logits": True} if router else {}))
+        hidden = outputs.last_hidden_state
         labels = next_token_labels(input_ids).reshape(-1)
         flat = hidden.reshape(-1, hidden.shape[-1])
         if logit_scale(self.hf_model) != 1.0:
@@ -203,6 +241,8 @@ class StudentObjective(_Delegating):
         if tap:
             h_loss = self._hidden_loss(taps, teacher_taps)
             loss = loss + self.hidden_weight * h_loss
+        if router:
+            loss = loss + self.router_weight * router_balance_loss(self.hf_model, outputs.router_logits)
         return {"loss": loss, "kd": out.kd, "ce": out.ce, "kl": out.kl, "hidden": h_loss.detach()}
 
     def _hidden_loss(self, student_taps, teacher_taps):

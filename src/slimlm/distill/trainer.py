@@ -33,7 +33,7 @@ from ..chat import ensure_chat_template, read_conversations, render_chat_texts, 
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
 from .tokens import default_token_cache
 from .loss import check_loss_name
-from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
+from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map, router_loss_weight
 from .monitor import Monitor, fmt_rate, progress_bar
 
 MODES = ("kd", "lm")
@@ -175,6 +175,7 @@ def _distill(
     hidden_loss: str | None = None,
     layer_map=None,
     hidden_weight: float = 1.0,
+    router_aux_loss: bool = False,
     eval_every: int | None = None,
     heldout: int = 16,
     eval_data=None,
@@ -218,6 +219,9 @@ def _distill(
         loss: 'kl' (forward KL, Minitron), 'reverse-kl' or 'jsd'; `temperature`, `ce_weight`
             (weight of a student cross-entropy term); `hidden_loss='cosine'` adds a cosine loss
             between mapped intermediate states (`layer_map` 'student:teacher,...', default evenly spaced).
+        router_aux_loss: MoE students: add the student's router load-balancing loss, weighted by its
+            config's `router_aux_loss_coef` (what transformers adds with `output_router_logits`);
+            off by default (logits only, as the paper).  Validation never includes it.
         eval_every: validate every N steps (default: 10 times per run; 0 turns it off).
         save_every: checkpoint every N steps (default: total/10 within [25, 1000]; 0: never); `resume`
             continues from the newest checkpoint in `out` at the exact data position.
@@ -285,6 +289,7 @@ def _distill(
     run_dir = out / "run"
     t_spec, t_cfg = _spec_and_config(teacher, "teacher")
     s_spec, s_cfg = _spec_and_config(student, "student")
+    router_weight = router_loss_weight(s_cfg) if router_aux_loss else 0.0
     for spec in (t_spec, s_spec):
         if spec and Path(spec).expanduser().exists() and Path(spec).expanduser().resolve() == out.resolve():
             raise SlimlmError(f"the output {out} is one of the input models; choose another folder")
@@ -335,6 +340,8 @@ def _distill(
     )
     if chat:
         settings.update(chat=True, chat_template=template_hash(template_text(tok)))
+    if router_aux_loss:
+        settings.update(router_aux_loss=router_weight)
     if resume:
         _check_same_run(run_dir, settings)
 
@@ -419,7 +426,7 @@ def _run(accelerator, **kw) -> DistillResult:
               "see configs/accelerate/README.md); one GPU or DDP are tested", file=sys.stderr, flush=True)
     objective = StudentObjective(
         s_model, g.mode, g.loss, g.temperature, g.ce_weight, g.hidden_loss, g.pairs, g.hidden_weight,
-        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size, fused=not sharded,
+        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size, fused=not sharded, router_weight=g.router_weight,
     )
     params = [p for p in objective.parameters() if p.requires_grad]
     # The fused AdamW kernel (CPU and GPU) steps all parameters at once: ~3x faster than the

@@ -166,7 +166,8 @@ def _method_lines(chain: list[dict]) -> list[str]:
 
 #: Shape fields shown on a card when the model has them (label beside)
 _EXTRA_SIZES = (("experts", "experts"), ("experts_per_token", "experts per token"), ("moe_ffn", "expert ffn"),
-                ("shared_ffn", "shared-expert ffn"), ("mamba_heads", "Mamba heads"), ("mamba_head_dim", "Mamba head dim"))
+                ("shared_ffn", "shared-expert ffn"), ("mamba_heads", "Mamba heads"),
+                ("mamba_head_dim", "Mamba head dim"))
 
 
 def _shape_table(folder: Path) -> list[str]:

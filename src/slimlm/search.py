@@ -65,7 +65,8 @@ MAX_POOL = 20_000
 
 def model_axes(shape: Shape) -> tuple[str, ...]:
     """The pruned axes a model of `shape` has (depth and hidden always; the others where a layer holds their block)."""
-    return tuple(a for a in PRUNED_AXES if a not in _AXIS_BLOCK or (shape.layers_with(_AXIS_BLOCK[a]) and getattr(shape, a)))
+    return tuple(a for a in PRUNED_AXES
+                 if a not in _AXIS_BLOCK or (shape.layers_with(_AXIS_BLOCK[a]) and getattr(shape, a)))
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ def enumerate_candidates(adapter: Adapter, config: SearchConfig | None = None, *
     full = adapter.param_count(s, active=active)
     flag = "--target-active-params" if active else "--target-params"
     if not 0 < target < full:
-        raise SlimlmError(f"{flag} must be between 0 and the model's {full:,}" + (" active parameters" if active else ""))
+        raise SlimlmError(f"{flag} must be between 0 and the model's {full:,}"
+                          + (" active parameters" if active else ""))
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
     grids = axis_grids(adapter, c, active)
@@ -203,8 +205,9 @@ def enumerate_candidates(adapter: Adapter, config: SearchConfig | None = None, *
             break
     if not out:
         raise SlimlmError(
-            f"no uniform shape within ±{tolerance:.0%} of {target:,} {'active ' if active else ''}parameters under the "
-            f"pruning caps (width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or the caps"
+            f"no uniform shape within ±{tolerance:.0%} of {target:,} {'active ' if active else ''}parameters under "
+            f"the pruning caps (width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or "
+            "the caps"
         )
     if not c.max_candidates or len(out) <= c.max_candidates:
         return out

@@ -214,3 +214,27 @@ def test_the_memory_planners_student_config_has_the_pruned_moe_and_mamba_sizes(f
     planned = student_config(model.config, targets)
     real = prune_model(model, make_plan(random_scores(s, seed=0), s, targets)).config
     assert get_adapter(planned).shape() == get_adapter(real).shape()
+
+
+def test_a_search_recipe_with_an_active_target_prunes_the_winner(tmp_path, text_file, capsys):
+    teacher = save_tiny("qwen3_moe", tmp_path / "teacher", max_position_embeddings=256, mlp_only_layers=[])
+    adapter = get_adapter(tiny_model("qwen3_moe", mlp_only_layers=[]))
+    target = int(adapter.param_count(adapter.shape(), active=True) * 0.8)
+    recipe = tmp_path / "search.yaml"
+    recipe.write_text(f"""
+teacher: {teacher}
+data: {text_file}
+importance: {{calib_samples: 4, seq_len: 32, heldout: 2}}
+search: {{target_active_params: {target}, tolerance: 0.15, max_candidates: 3, reduction: 2, search_budget: 1024,
+          hidden_step: 8, ffn_step: 8}}
+distill: {{tokens: 256, seq_len: 32, micro_batch: 4, global_batch: 8, warmup: 1, heldout: 2}}
+eval: {{ppl: {text_file}, max_tokens: 128, seq_len: 32}}
+""")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    winner = json.loads((out / "search" / "ranking.json").read_text())[0]
+    pruned = AutoConfig.from_pretrained(out / "pruned")
+    assert (pruned.hidden_size, pruned.moe_intermediate_size, pruned.num_attention_heads, pruned.num_experts) == (
+        winner["hidden"], winner["moe_ffn"], winner["heads"], 6)
+    assert "| expert ffn |" in (out / "report" / "report.md").read_text()

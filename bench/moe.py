@@ -83,6 +83,8 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="retrain even when OUT/<part>/trained exists")
+    ap.add_argument("--overlap", action="store_true",
+                    help="only print how much of the held-out text occurs verbatim in the training text")
     a = ap.parse_args(argv)
     quick = a.quick
     a.train_tokens = a.train_tokens or (8 * 4096 if quick else 375 * 4096)
@@ -308,14 +310,31 @@ def table(r: dict) -> list[str]:
     return lines
 
 
+def heldout_overlap(length: int = 64, samples: int = 2000, seed: int = 0) -> float:
+    """Share of random `length`-character pieces of the held-out text found verbatim in the training text
+    (Python's documentation topics repeat much of their text)."""
+    import random
+
+    from slimlm.data import iter_texts
+
+    train_text, held = "\n".join(iter_texts(TRAIN)), "\n".join(iter_texts(HELDOUT))
+    rng = random.Random(seed)
+    starts = [rng.randrange(len(held) - length) for _ in range(samples)]
+    return sum(held[i : i + length] in train_text for i in starts) / samples
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.overlap:
+        print(f"{heldout_overlap():.3f} of 2,000 random 64-character pieces of {HELDOUT} occur verbatim in {TRAIN}")
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = ("moe", "hybrid") if args.part == "both" else (args.part,)
     t0 = time.perf_counter()
     results = [study(p, args) for p in parts]
-    md = [f"# {machine()}; {time.perf_counter() - t0:.0f} s in all", ""]
+    md = [f"# {machine()}; {time.perf_counter() - t0:.0f} s in all; {heldout_overlap():.0%} of the held-out text's "
+          "64-character pieces occur verbatim in the training text", ""]
     for r in results:
         t = r["training"]
         balance = f", {t['balance']} load balancing" if t.get("balance") else ""

@@ -210,3 +210,24 @@ def test_shapes_transformers_cannot_load_are_refused():
 
     with pytest.raises(SlimlmError, match="divisible"):
         adapter.validate_shape(target_shape(Targets(hidden=32, heads=3), adapter.shape()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("targets", [{}, {"hidden": 36, "ffn": 40, "heads": 3}], ids=["keep-all", "width"])
+def test_training_the_pruned_student_leaves_the_teacher_unchanged(family, targets):
+    teacher = tiny_model(family)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = prune_model(teacher, _plan(teacher, **targets))
+    teacher_storages = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    shared = [k for k, t in student.state_dict().items() if t.untyped_storage().data_ptr() in teacher_storages]
+    assert not shared
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    student(IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    # the step changed every student weight, norms kept whole included
+    assert all(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items()
+               if v.is_floating_point() and "rotary" not in k)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k

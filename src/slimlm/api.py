@@ -39,7 +39,7 @@ def count_parameters(config) -> dict:
 
 def info(model: str) -> dict:
     """Architecture, shape and parameter counts of a model (no weights are loaded)."""
-    config = load_config(model)
+    config = load_config(model, weights=False)
     adapter = get_adapter(config)
     shape = adapter.shape()
     params = count_parameters(config)
@@ -132,7 +132,7 @@ def importance(
     """Estimate importance scores for `model` and (optionally) save them to `output`."""
     _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
     if output is not None:
-        check_writable_output(output, overwrite)
+        check_writable_output(output, overwrite, inputs=(model,), folder=False)
     config = load_config(model) if loaded is None else loaded.config
     shape = get_adapter(config).shape()
     for k in block_sizes:
@@ -216,9 +216,14 @@ def prune(
     targets = Targets(hidden, ffn, heads, kv_heads, layers, drop_layers, depth_metric)
     # -- validate everything before any work -------------------------------------------
     _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
-    out = check_writable_output(output, overwrite)
+    # No output may replace an input: the model, its folder, the scores file (updating the
+    # scores file it reads with --save-scores is fine: the new one holds all the old one did).
+    reads = (model,) if isinstance(scores, Scores) else (model, scores)
+    out = check_writable_output(output, overwrite, inputs=reads)
     if save_scores is not None:
-        check_writable_output(save_scores, overwrite=True)
+        if Path(save_scores).expanduser().resolve() == out.resolve():
+            raise SlimlmError(f"--save-scores {save_scores} is the output folder; choose another file")
+        check_writable_output(save_scores, overwrite=True, inputs=(model,), folder=False)
     config = load_config(model)
     adapter = get_adapter(config)
     shape = adapter.shape()

@@ -6,13 +6,15 @@
 """
 
 from .ppl import perplexity
-from .runner import check_eval_args, count_parameters, evaluate, load_results, save_results
+from .runner import check_eval_args, check_evaluation, check_models, count_parameters, evaluate, load_results, save_results
 from .throughput import speed
 from .tasks import SHIPPED_TASKS_DIR, run_tasks
 
 __all__ = [
     "SHIPPED_TASKS_DIR",
     "check_eval_args",
+    "check_evaluation",
+    "check_models",
     "count_parameters",
     "evaluate",
     "load_results",

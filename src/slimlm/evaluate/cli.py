@@ -48,8 +48,7 @@ def eval_command(
 ):
     """Perplexity, lm-eval tasks, speed and chat answers of one or more models, compared in one table."""
     from ..cli import emit_json
-    from ..models import load_config, pick_dtype
-    from . import check_eval_args, evaluate
+    from . import check_evaluation, evaluate
 
     settings = dict(ppl=ppl, seq_len=seq_len, stride=stride, max_tokens=max_tokens, text_field=text_field,
                     tasks=tasks, task_data=task_data, include_path=include_path or None,
@@ -57,27 +56,7 @@ def eval_command(
                     num_fewshot=num_fewshot, speed=speed, batch_size=batch_size, prompt_len=prompt_len,
                     new_tokens=new_tokens, repeats=repeats, chat_prompts=chat_prompts, max_new_tokens=max_new_tokens)
     # Everything is checked before the first model loads.
-    check_eval_args(**settings)
-    pick_dtype(dtype)
-    for spec in models:
-        load_config(spec)
-    if output is not None and chat_prompts is not None:
-        import os
-
-        from ..errors import SlimlmError
-        from .chat import answers_path
-
-        probe = answers_path([], output).parent
-        while not probe.exists():
-            probe = probe.parent
-        if probe.is_file() or not os.access(probe, os.W_OK):
-            raise SlimlmError(f"cannot write chat answers under {output}")
-    if chat_prompts is not None or chat_template:
-        from ..models import load_tokenizer
-        from .chat import require_chat_template
-
-        for spec in models:
-            require_chat_template(load_tokenizer(spec), spec)
+    check_evaluation(models, output=output, dtype=dtype, chat_template=chat_template, **settings)
 
     err = Console(stderr=True)
     results = []

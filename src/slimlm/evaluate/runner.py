@@ -77,6 +77,52 @@ def check_eval_args(
     return {"tasks": task_list, "task_data": data}
 
 
+def check_models(models: Sequence, *, seq_len: int = 512, ppl=None, speed: bool = False, prompt_len: int = 128,
+                 new_tokens: int = 32, **_ignored) -> None:
+    """Check every model (config, weights readable) and that the lengths asked fit its positions, before any loads."""
+    from ..models import load_config
+
+    for spec in models:
+        if not isinstance(spec, (str, os.PathLike)):
+            continue
+        limit = getattr(load_config(str(spec)), "max_position_embeddings", None)
+        if not limit:
+            continue
+        if ppl is not None and seq_len > limit:
+            raise SlimlmError(f"--seq-len {seq_len} is past the limit of {spec}, {limit} positions")
+        if speed and prompt_len + new_tokens > limit:
+            raise SlimlmError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} is past the limit of {spec}, "
+                              f"{limit} positions")
+
+
+def check_evaluation(models: Sequence, *, output=None, dtype: str = "auto", chat_template: bool = False,
+                     **settings) -> None:
+    """Everything `slimlm eval` checks before the first model loads: the settings (`check_eval_args`),
+    the dtype, each model (`check_models`), where the chat answers go, and the chat templates needed."""
+    from .._io import check_not_an_input, probe_writable
+    from ..models import pick_dtype
+
+    check_eval_args(**settings)
+    pick_dtype(dtype)
+    check_models(models, **settings)
+    chat_prompts = settings.get("chat_prompts")
+    if output is not None and chat_prompts is not None:
+        from .chat import answers_path
+
+        target = answers_path([], output)
+        if target.is_dir():
+            raise SlimlmError(f"cannot write the chat answers to {target}: it is a folder")
+        check_not_an_input(target, [chat_prompts, *models])
+        probe_writable(target, what="chat answers file")
+    if chat_prompts is not None or chat_template:
+        from ..models import load_tokenizer
+        from .chat import require_chat_template
+
+        for spec in models:
+            if isinstance(spec, (str, os.PathLike)):
+                require_chat_template(load_tokenizer(str(spec)), str(spec))
+
+
 def evaluate(
     model,
     tokenizer=None,
@@ -119,6 +165,7 @@ def evaluate(
     if isinstance(model, (str, os.PathLike)):
         from ..models import load_model, load_tokenizer, resolve_model_path
 
+        check_models([model], seq_len=seq_len, ppl=ppl, speed=speed, prompt_len=prompt_len, new_tokens=new_tokens)
         spec = str(model)
         folder = resolve_model_path(spec)
         tokenizer = tokenizer or load_tokenizer(spec)
@@ -187,6 +234,14 @@ def save_results(result: dict, folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         return None
+    try:
+        return _merge_results(result, folder)
+    except OSError as exc:  # a read-only folder (os.access says yes to root everywhere): results stay in memory
+        print(f"warning: results not saved in {folder}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def _merge_results(result: dict, folder: Path) -> str:
     path = folder / EVAL_FILE
     stamp = weights_stamp(folder)
     merged = load_results(path) or {}

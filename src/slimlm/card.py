@@ -173,7 +173,7 @@ def _shape_table(folder: Path) -> list[str]:
 
         from .adapters import get_adapter
 
-        adapter = get_adapter(AutoConfig.from_pretrained(folder))
+        adapter = get_adapter(AutoConfig.from_pretrained(folder, trust_remote_code=False))
         shape = adapter.shape()
         params = adapter.param_count(shape)
         row = [config.get("model_type"), shape.layers, shape.hidden, shape.ffn, shape.heads, shape.kv_heads,

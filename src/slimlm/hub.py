@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,36 @@ def _hub_error(exc: Exception, repo_id: str) -> str:
     return f"push to {repo_id} failed: {first}"
 
 
+def _check_checkpoint(folder: Path, weights: bool) -> None:
+    """A local model folder with a valid config.json (and, with `weights`, readable weights)."""
+    from .models import check_model_type, check_weights, read_config_json
+
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise SlimlmError(f"{folder} is not a model folder (no config.json)")
+    check_model_type(read_config_json(folder), str(folder / "config.json"))
+    if weights:
+        check_weights(folder)
+
+
+def refresh_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write or refresh the model card (README.md) of a checkpoint folder; what `slimlm card` runs.
+
+    Refuses a folder that is not a model (no config.json, an invalid one) and a README.md that
+    slimlm did not write.
+    """
+    from .card import write_model_card
+
+    from ._io import probe_writable
+
+    folder = Path(folder).expanduser()
+    _check_checkpoint(folder, weights=False)
+    probe_writable(folder / "README.md", what="model card")
+    written = write_model_card(folder, repo_id, strict=True)
+    if written is None:
+        raise SlimlmError(f"{folder / 'README.md'} was not written by slimlm; not replacing it")
+    return written
+
+
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: bool = True) -> dict:
     """Upload a checkpoint folder to the hub as `repo_id` (created if needed), its model card refreshed first.
 
@@ -49,8 +80,7 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: b
     permission) is a one-line `SlimlmError`.
     """
     folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SlimlmError(f"{folder} is not a model folder (no config.json)")
+    _check_checkpoint(folder, weights=True)
     if not _REPO_ID.match(repo_id):
         raise SlimlmError(f"REPO_ID must look like USER/NAME or ORG/NAME, got '{repo_id}'")
     if _offline():
@@ -63,7 +93,10 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: b
     if card:
         from .card import write_model_card
 
-        write_model_card(folder, repo_id)
+        try:
+            write_model_card(folder, repo_id)
+        except OSError as exc:  # a read-only checkpoint is still uploaded, with the card it has
+            print(f"warning: model card not refreshed ({exc.strerror or exc})", file=sys.stderr, flush=True)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
@@ -101,15 +134,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
     ):
         """Write or refresh the model card (README.md), e.g. after `slimlm eval` saved results."""
-        from .card import write_model_card
         from .cli import emit_json
 
-        path = Path(folder).expanduser()
-        if not (path / "config.json").is_file():
-            raise SlimlmError(f"{path} is not a model folder (no config.json)")
-        written = write_model_card(path, repo_id, strict=True)
-        if written is None:
-            raise SlimlmError(f"{path / 'README.md'} was not written by slimlm; not replacing it")
+        written = refresh_card(folder, repo_id)
         print(f"model card written to {written}")
         if as_json:
             emit_json({"card": str(written)})

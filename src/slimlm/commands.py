@@ -155,34 +155,14 @@ def search(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
 ):
     """Find the best uniform shape for a parameter budget: prune candidates, distill each briefly, rank by validation KL."""
-    from .importance import Scores
-    from .models import load_model, load_tokenizer
-    from .search import enumerate_candidates, search as run_whole_search
-    from .adapters import get_adapter
-    from .models import load_config
-    from .data import check_source
+    from .search import search_model
 
-    adapter = get_adapter(load_config(model))
-    cands = enumerate_candidates(adapter, int(target_params), tolerance=tolerance, max_width_prune=max_width_prune,
-                                 max_depth_prune=max_depth_prune, hidden_step=hidden_step, ffn_step=ffn_step,
-                                 max_candidates=max_candidates, prune_heads=not keep_heads)
-    check_source(data, text_field)
-    output.mkdir(parents=True, exist_ok=True)
-    scores_path = Path(scores) if scores else output / "scores.safetensors"
-    teacher = load_model(model, dtype=dtype)
-    tok = load_tokenizer(model)
-    if scores_path.exists():
-        sc = Scores.load(scores_path)
-        sc.check_matches(adapter.shape())
-    else:
-        sc = api.importance(model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples,
-                            seq_len=seq_len, depth_loss=False, seed=seed, loaded=teacher, overwrite=True)
-    console.print(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
-    results, winner = run_whole_search(
-        teacher, tok, sc, scores_path, cands, output, data=data, search_tokens=search_tokens,
-        distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, seed=seed,
-                            dtype=dtype, text_field=text_field),
-        calibration=dict(seq_len=seq_len, calib_samples=calib_samples, seed=seed, text_field=text_field))
+    results, winner = search_model(
+        model, output, target_params, data=data, text_field=text_field, tolerance=tolerance,
+        max_width_prune=max_width_prune, max_depth_prune=max_depth_prune, max_candidates=max_candidates,
+        prune_heads=not keep_heads, hidden_step=hidden_step, ffn_step=ffn_step, search_tokens=search_tokens,
+        scores=scores, calib_samples=calib_samples, seq_len=seq_len, micro_batch=micro_batch,
+        global_batch=global_batch, lr=lr, seed=seed, dtype=dtype, say=console.print)
     table = Table(title="search ranking (validation KL to the teacher, lower is better)")
     for col in ("rank", "candidate", "parameters", "val KL", "val LM loss"):
         table.add_column(col)

@@ -194,3 +194,103 @@ def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list
                          distill_kwargs=distill_kwargs, progress=progress)
     write_ranking(out, results)
     return results, keep_winner(out, results)
+
+
+def _is_search_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("candidates", "scores.safetensors", "ranking.json", "winner"))
+
+
+def check_search_output(output: str | Path, inputs=()) -> Path:
+    """The search folder: new, empty, or an earlier search's (which resumes); never one of the inputs nor a
+    folder that holds something else.  Checked writable before any work."""
+    from ._io import check_not_an_input, probe_writable
+
+    out = Path(output).expanduser()
+    check_not_an_input(out, inputs)
+    if out.exists():
+        if not out.is_dir():
+            raise SlimlmError(f"the search output {out} is a file; give a folder")
+        if any(out.iterdir()) and not _is_search_folder(out):
+            raise SlimlmError(f"{out} exists and is not a search folder; choose another --output")
+    probe_writable(out, what="search folder")
+    return out
+
+
+def search_model(
+    model: str,
+    output: str | Path,
+    target_params: float,
+    *,
+    data=None,
+    text_field: str = "text",
+    tolerance: float = 0.05,
+    max_width_prune: float = 0.4,
+    max_depth_prune: float = 0.2,
+    max_candidates: int = 8,
+    prune_heads: bool = True,
+    hidden_step: int = 64,
+    ffn_step: int = 128,
+    search_tokens: int = 20000,
+    scores: str | Path | None = None,
+    calib_samples: int = 128,
+    seq_len: int = 256,
+    micro_batch: int = 4,
+    global_batch: int = 16,
+    lr: float = 1e-4,
+    seed: int = 0,
+    dtype: str = "auto",
+    progress: bool = True,
+    say=print,
+) -> tuple[list[dict], Path]:
+    """`slimlm search`: check everything, compute (or reuse) the scores, then `search` the candidates.
+
+    Nothing is written before every check passed; a search that fails before its first result
+    leaves no output folder behind (a later failure keeps the finished candidates: rerunning
+    resumes).  Returns (ranking, winner folder).
+    """
+    from . import api
+    from .adapters import get_adapter
+    from .data import check_source
+    from .importance import Scores
+    from .models import load_config, load_model, load_tokenizer
+
+    config = load_config(model)
+    adapter = get_adapter(config)
+    cands = enumerate_candidates(adapter, int(target_params), tolerance=tolerance, max_width_prune=max_width_prune,
+                                 max_depth_prune=max_depth_prune, hidden_step=hidden_step, ffn_step=ffn_step,
+                                 max_candidates=max_candidates, prune_heads=prune_heads)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise SlimlmError(f"--seq-len {seq_len} is past the model's limit of {limit} positions")
+    for name, value in (("search-tokens", search_tokens), ("calib-samples", calib_samples),
+                        ("micro-batch", micro_batch), ("global-batch", global_batch)):
+        if value < 1:
+            raise SlimlmError(f"--{name} must be at least 1, got {value}")
+    check_source(data, text_field)
+    out = check_search_output(output, inputs=(model, scores))
+    scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"
+    reused = None
+    if scores_path.exists():
+        reused = Scores.load(scores_path)
+        reused.check_matches(adapter.shape())
+    elif scores is not None:
+        raise SlimlmError(f"scores file not found: {scores}")
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        teacher = load_model(model, dtype=dtype)
+        tok = load_tokenizer(model)
+        sc = reused if reused is not None else api.importance(
+            model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
+            depth_loss=False, seed=seed, loaded=teacher, overwrite=True, progress=progress)
+        say(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
+        return search(teacher, tok, sc, scores_path, cands, out, data=data, search_tokens=search_tokens,
+                      distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr,
+                                          seed=seed, dtype=dtype, text_field=text_field),
+                      calibration=dict(seq_len=seq_len, calib_samples=calib_samples, seed=seed, text_field=text_field),
+                      progress=progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise

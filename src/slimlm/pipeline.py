@@ -90,6 +90,38 @@ def validate_recipe_inputs(r: dict) -> None:
             raise SlimlmError(f"{section}.seq_len {r[section]['seq_len']} is past the teacher's limit of {limit} positions")
     if r["eval"]["ppl"] is not None:
         check_source(r["eval"]["ppl"], r["text_field"])
+    from .distill.tokens import usable_token_cache
+
+    usable_token_cache()  # the distill stage (and teacher correction) tokenize into it
+
+
+# What a run writes into its folder.
+RUN_OUTPUTS = ("recipe.yaml", "recipe.resolved.json", "stages.json", "run.log", "teacher-corrected", "scores.safetensors",
+               "pruned", "search", "student", "aligned", "eval", "report")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("stages.json", "recipe.yaml", "recipe.resolved.json"))
+
+
+def check_run_folder(out: str | Path, recipe: dict) -> Path:
+    """The run folder: new, empty, or an earlier run's (which resumes); never a folder that holds
+    something else, nor one above the recipe's inputs.  Checked writable before any work."""
+    from ._io import check_not_an_input, probe_writable
+
+    root = Path(out).expanduser()
+    data = recipe.get("data")
+    inputs = [recipe.get("teacher"), recipe["eval"].get("ppl"), recipe["align"].get("sft"),
+              recipe["align"].get("prefs"), *(data if isinstance(data, list) else [data])]
+    for name in RUN_OUTPUTS:  # the stages replace these: none may be (or hold) an input
+        check_not_an_input(root / name, inputs)
+    if root.exists():
+        if not root.is_dir():
+            raise SlimlmError(f"the run folder {root} is a file; choose another --output")
+        if any(root.iterdir()) and not _is_run_folder(root):
+            raise SlimlmError(f"{root} exists and is not a slimlm run folder; choose another --output")
+    probe_writable(root, what="run folder")
+    return root
 
 
 def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | None = None, progress: bool = True) -> dict:
@@ -98,23 +130,33 @@ def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | No
 
     if from_stage is not None and from_stage not in STAGES:
         raise SlimlmError(f"--from expects one of {', '.join(STAGES)}, got '{from_stage}'")
-    root = Path(out).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_run_folder(out, recipe)
     validate_recipe_inputs(recipe)
-    atomic_write_text(root / "recipe.yaml", recipe_text)
-    atomic_write_json(root / "recipe.resolved.json", recipe)
-    state = RunState(root)
-    if from_stage:
-        state.forget_from(from_stage)
-    fps = stage_settings(recipe)
-    # A changed stage invalidates everything after it.
-    for i, stage in enumerate(STAGES):
-        if stage in state.done and not state.finished(stage, fps[stage]):
-            state.forget_from(stage)
-            break
-    r = recipe
-    teacher = r["teacher"]
-    tokenizer = load_tokenizer(teacher)
+    # Everything is checked: only now does the run folder appear.  A failure before the first
+    # stage starts removes a folder this call made, so the corrected rerun starts clean.
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "recipe.yaml", recipe_text)
+        atomic_write_json(root / "recipe.resolved.json", recipe)
+        state = RunState(root)
+        if from_stage:
+            state.forget_from(from_stage)
+        fps = stage_settings(recipe)
+        # A changed stage invalidates everything after it.
+        for i, stage in enumerate(STAGES):
+            if stage in state.done and not state.finished(stage, fps[stage]):
+                state.forget_from(stage)
+                break
+        r = recipe
+        teacher = r["teacher"]
+        tokenizer = load_tokenizer(teacher)
+    except BaseException:
+        if created:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     log = _Log(root)
 
     # 1. teacher correction ------------------------------------------------------------

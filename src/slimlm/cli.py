@@ -33,7 +33,14 @@ def emit_json(obj: dict) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
 
+_registered = False
+
+
 def _register_commands() -> None:
+    global _registered
+    if _registered:  # main() runs more than once in a process (tests): register each command once
+        return
+    _registered = True
     from . import commands  # noqa: F401  (core commands register on import)
 
     for module in ("slimlm.distill.cli", "slimlm.evaluate.cli", "slimlm.align.cli", "slimlm.hub"):

@@ -217,3 +217,93 @@ def test_eval_of_a_model_in_a_read_only_folder_keeps_its_results_in_memory(read_
     monkeypatch.setattr(runner.os, "access", lambda *a, **k: True)
     assert runner.save_results({"model": "m"}, read_only_dir) is None
     assert "results not saved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["typer._click.exceptions", "click.exceptions"])
+def test_usage_errors_of_either_click_are_one_line(module, monkeypatch, capsys):
+    import slimlm.cli
+
+    exceptions = pytest.importorskip(module)
+
+    def raise_usage(*a, **k):
+        raise exceptions.BadParameter("'abc' is not a valid integer.\nSecond line.")
+
+    slimlm.cli._register_commands()
+    monkeypatch.setattr(slimlm.cli, "app", raise_usage)
+    with pytest.raises(SystemExit) as exit_:
+        slimlm.cli.main(["info", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "not a valid integer. Second line." in err
+
+
+def test_custom_code_in_a_model_folder_never_runs(tmp_path, text_file, capsys):
+    """A known family with auto_map loads with transformers' own class; a custom tokenizer class is refused."""
+    import json
+
+    marker = tmp_path / "CODE-RAN"
+    model = save_tiny("llama", tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('yes')\n")
+    code, out, err = run_cli(["eval", model, "--ppl", text_file, "--seq-len", "16", "--max-tokens", "32", "--json"],
+                             capsys)
+    assert code == 0, err
+    tok_config = json.loads((model / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": ["custom.CustomTokenizer", None]})
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    code, out, err = run_cli(["eval", model, "--ppl", text_file, "--seq-len", "16", "--max-tokens", "32"], capsys)
+    assert code == 2 and err.startswith("error: cannot load the tokenizer") and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_info_needs_no_weights_but_work_on_a_model_does(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    code, _, err = run_cli(["info", folder], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["prune", folder, "-o", tmp_path / "out", "--hidden", "36", "--importance", "magnitude"],
+                           capsys)
+    assert code == 2 and "has no weights" in err
+    # A sharded checkpoint whose index names a missing shard.
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (shard / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}')
+    code, _, err = run_cli(["eval", shard, "--speed"], capsys)
+    assert code == 2 and "model-00001-of-00002.safetensors, named in model.safetensors.index.json, is missing" in err
+
+
+def test_a_search_that_fails_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
+    import slimlm.models
+    from slimlm.search import search_model
+
+    def broken(*a, **k):
+        raise SlimlmError("cannot read the weights (simulated)")
+
+    monkeypatch.setattr(slimlm.models, "load_model", broken)
+    out = tmp_path / "search"
+    with pytest.raises(SlimlmError, match="simulated"):
+        search_model(str(save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)), out, 8e4, hidden_step=8,
+                     ffn_step=8)
+    assert not out.exists()
+
+
+def test_a_run_that_fails_before_its_first_stage_leaves_no_folder(tmp_path, text_file, monkeypatch):
+    import slimlm.models
+    from slimlm.pipeline import run
+    from slimlm.recipe import parse_recipe
+
+    teacher = save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)
+    text = f"teacher: {teacher}\ndata: {text_file}\nprune:\n  hidden: 36\n"
+    recipe = parse_recipe(text, "r.yaml")
+
+    def broken(*a, **k):
+        raise SlimlmError("tokenizer unreadable (simulated)")
+
+    monkeypatch.setattr(slimlm.models, "load_tokenizer", broken)
+    with pytest.raises(SlimlmError, match="simulated"):
+        run(recipe, text, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -78,14 +78,21 @@ def check_eval_args(
 
 
 def check_models(models: Sequence, *, seq_len: int = 512, ppl=None, speed: bool = False, prompt_len: int = 128,
-                 new_tokens: int = 32, **_ignored) -> None:
-    """Check every model (config, weights readable) and that the lengths asked fit its positions, before any loads."""
-    from ..models import load_config
+                 new_tokens: int = 32, chat: bool = False, **_ignored) -> None:
+    """Check every model before any loads: its config, weights and tokenizer are readable, the lengths
+    asked fit its positions, and (`chat`) its tokenizer has a chat template."""
+    from ..models import load_config, load_tokenizer
 
     for spec in models:
         if not isinstance(spec, (str, os.PathLike)):
             continue
-        limit = getattr(load_config(str(spec)), "max_position_embeddings", None)
+        config = load_config(str(spec))
+        tokenizer = load_tokenizer(str(spec))
+        if chat:
+            from .chat import require_chat_template
+
+            require_chat_template(tokenizer, str(spec))
+        limit = getattr(config, "max_position_embeddings", None)
         if not limit:
             continue
         if ppl is not None and seq_len > limit:
@@ -104,8 +111,8 @@ def check_evaluation(models: Sequence, *, output=None, dtype: str = "auto", chat
 
     check_eval_args(**settings)
     pick_dtype(dtype)
-    check_models(models, **settings)
     chat_prompts = settings.get("chat_prompts")
+    check_models(models, chat=chat_prompts is not None or chat_template, **settings)
     if output is not None and chat_prompts is not None:
         from .chat import answers_path
 
@@ -114,13 +121,6 @@ def check_evaluation(models: Sequence, *, output=None, dtype: str = "auto", chat
             raise SlimlmError(f"cannot write the chat answers to {target}: it is a folder")
         check_not_an_input(target, [chat_prompts, *models])
         probe_writable(target, what="chat answers file")
-    if chat_prompts is not None or chat_template:
-        from ..models import load_tokenizer
-        from .chat import require_chat_template
-
-        for spec in models:
-            if isinstance(spec, (str, os.PathLike)):
-                require_chat_template(load_tokenizer(str(spec)), str(spec))
 
 
 def evaluate(

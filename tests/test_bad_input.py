@@ -89,6 +89,7 @@ def inputs(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=96)).save_pretrained(d / "gpt2")
+    (_copy_model(m, d / "bad-generation-config") / "generation_config.json").write_text("{")
     (d / "scores-garbage.safetensors").write_bytes(os.urandom(500))
     (d / "scores-truncated.safetensors").write_bytes(weights[:300])
     (d / "run" / "model").mkdir(parents=True)
@@ -130,6 +131,7 @@ CASES = [
     (["importance", "{M}", "-o", "{W}/existing.txt"], "already exists"),
     (["importance", "{M}", "-o", "{W}/existing", "--overwrite"], "is a folder, and this command writes a file"),
     (["importance", "{M}", "-o", "{OUT}.safetensors", "--seq-len", "4096"], "past the model's limit"),
+    (["importance", "{M}", "-o", "{OUT}.safetensors", "--dtype", "int3"], "unknown dtype 'int3'"),
     # prune
     (["prune", "{M}", "-o", "{M}", "--overwrite", "--hidden", "36"], "is the input"),
     (["prune", "{M}", "-o", "{IN}", "--overwrite", "--hidden", "36"], "holds the input"),
@@ -141,6 +143,8 @@ CASES = [
     (["prune", "{M}", "-o", "/proc/slimlm/out", "--hidden", "36"], "cannot write the output"),
     (["prune", "{M}", "-o", "{OUT}", "--hidden", "36", "--save-scores", "{M}/model.safetensors"], "is a file of the input model"),
     (["prune", "{M}", "-o", "{OUT}", "--hidden", "36", "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
+    (["prune", "{M}", "-o", "{OUT}", "--hidden", "36", "--device-map", "nowhere"], "--device-map must be"),
+    (["prune", "{M}", "-o", "{OUT}", "--hidden", "36", "--save-scores", "/dev/null"], "not a regular file"),
     # search
     (["search", "{M}", "-o", "{OUT}", *SEARCH, "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
     (["search", "{M}", "-o", "{OUT}", *SEARCH, "--scores", "{IN}/scores-garbage.safetensors"], "not a slimlm scores file"),
@@ -149,6 +153,9 @@ CASES = [
     (["search", "{M}", "-o", "{OUT}", "--target-params", "1e12"], "--target-params must be between"),
     (["search", "{M}", "-o", "{W}/existing", *SEARCH], "is not a search folder"),
     (["search", "{M}", "-o", "{OUT}", *SEARCH, "--seq-len", "4096"], "past the model's limit"),
+    (["search", "{M}", "-o", "{OUT}", "--target-params", "nan"], "--target-params must be"),
+    (["search", "{M}", "-o", "{OUT}", *SEARCH, "--hidden-step", "0"], "--hidden-step must be at least 1"),
+    (["search", "{M}", "-o", "{OUT}", *SEARCH, "--max-width-prune", "1.5"], "--max-width-prune must be a fraction"),
     # distill
     (["distill", "-t", "{M}", "-s", "{IN}/truncated", "-o", "{OUT}", "--data", "{IN}/corpus.txt"], "not a readable safetensors file"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
@@ -158,6 +165,7 @@ CASES = [
     (["distill", "-t", "{IN}/unknown-type", "-s", "{M}", "-o", "{OUT}"], "unknown model type 'frobnet'"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{IN}", "--overwrite", "--data", "{IN}/corpus.txt"], "holds the input"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--seq-len", "4096"], "max_position_embeddings"),
+    (["distill", "-t", "{M}", "-s", "{IN}/bad-generation-config", "-o", "{OUT}"], "generation_config.json is not valid JSON"),
     # correct-teacher
     (["correct-teacher", "{IN}/truncated", "-o", "{OUT}", "--data", "{IN}/corpus.txt"], "not a readable safetensors file"),
     (["correct-teacher", "{M}", "-o", "{OUT}", "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
@@ -171,6 +179,7 @@ CASES = [
     (["eval", "{IN}/truncated", "--ppl", "{IN}/corpus.txt"], "not a readable safetensors file"),
     (["eval", "{M}", "{IN}/unknown-type", "--ppl", "{IN}/corpus.txt"], "unknown model type"),
     (["eval", "{M}"], "nothing to evaluate"),
+    (["eval", "{M}", "--tasks", "mc_local", "--task-data", "mc={IN}/prompts.jsonl", "--limit", "inf"], "--limit must be a positive number"),
     (["eval", "{M}", "--chat-prompts", "{IN}/prompts.jsonl", "-o", "/proc/slimlm/a.jsonl"], "cannot write the chat answers"),
     (["eval", "{M}", "--chat-prompts", "{IN}/prompts.jsonl", "-o", "{IN}/prompts.jsonl"], "is the input"),
     (["eval", "{IN}/gpt2", "--chat-prompts", "{IN}/prompts.jsonl"], "has no chat template"),
@@ -180,6 +189,7 @@ CASES = [
     (["report", "{IN}/run", "-o", "/proc/slimlm/report"], "cannot write the report"),
     (["report", "{IN}/run", "-o", "{W}/existing"], "is not a slimlm report folder"),
     (["report", "{IN}/run", "--eval", "{IN}/corpus.txt"], "not a readable eval.json"),
+    (["report", "{IN}/run", "-o", "/dev/null"], "is not a slimlm report folder"),
     # align
     (["align", "{M}", "--sft", "{IN}/garbage.txt", "-o", "{OUT}"], "chat data must be a JSONL file"),
     (["align", "{M}", "--sft", "{IN}/garbage.jsonl", "-o", "{OUT}"], "garbage.jsonl"),

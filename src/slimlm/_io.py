@@ -100,6 +100,8 @@ def check_writable_output(
         raise SlimlmError(clash)
     remove_stale_temporaries(out, restore_only=True)
     if out.exists():
+        if not out.is_dir() and not out.is_file():  # /dev/null, a FIFO: never replaced by a rename
+            raise SlimlmError(f"output {out} is not a regular file or folder; choose another output")
         empty_dir = out.is_dir() and not any(out.iterdir())
         if not overwrite and not empty_dir:
             raise SlimlmError(f"output {out} already exists (pass --overwrite to replace it)")

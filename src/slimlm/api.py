@@ -12,7 +12,7 @@ from .adapters import get_adapter
 from .data import DEFAULT_CORPUS, check_source, pack_windows
 from .errors import SlimlmError
 from .importance import IMPORTANCE_KINDS, Scores, estimate_importance, parse_aggregation
-from .models import load_config, load_model, load_tokenizer, resolve_model_path
+from .models import check_device_map, load_config, load_model, load_tokenizer, pick_dtype, resolve_model_path
 from .plan import Targets, make_plan, target_shape, validate_targets
 from .prune import checkpoint_shards, prune_checkpoint, provenance, save_pruned_model
 
@@ -93,7 +93,10 @@ def add_block_losses(scores: Scores, net, tokenizer, ks, *, data=None, seq_len=D
     return need
 
 
-def _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout):
+def _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout, dtype="auto",
+                     device_map=None):
+    pick_dtype(dtype)
+    check_device_map(device_map)
     if importance_kind not in IMPORTANCE_KINDS:
         raise SlimlmError(f"unknown importance '{importance_kind}' (choose from {', '.join(IMPORTANCE_KINDS)})")
     parse_aggregation(aggregation)
@@ -130,7 +133,7 @@ def importance(
     loaded=None,
 ) -> Scores:
     """Estimate importance scores for `model` and (optionally) save them to `output`."""
-    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
+    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout, dtype, device_map)
     if output is not None:
         check_writable_output(output, overwrite, inputs=(model,), folder=False)
     config = load_config(model) if loaded is None else loaded.config
@@ -215,7 +218,7 @@ def prune(
     """
     targets = Targets(hidden, ffn, heads, kv_heads, layers, drop_layers, depth_metric)
     # -- validate everything before any work -------------------------------------------
-    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
+    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout, dtype, device_map)
     # No output may replace an input: the model, its folder, the scores file (updating the
     # scores file it reads with --save-scores is fine: the new one holds all the old one did).
     reads = (model,) if isinstance(scores, Scores) else (model, scores)

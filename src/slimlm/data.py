@@ -54,15 +54,19 @@ def builtin_corpus(name: str = "python-docs") -> list[str]:
 
 
 def _files_of(source: str) -> list[Path]:
-    if any(ch in source for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))]
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+    try:
+        if any(ch in source for ch in "*?["):
+            files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))]
         else:
-            files = [path]
-    return [f for f in files if f.is_file()]
+            path = Path(source).expanduser()
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+            else:
+                files = [path]
+        return [f for f in files if f.is_file()]
+    except OSError as exc:  # a folder with unreadable parts (e.g. --data /)
+        raise SlimlmError(f"cannot read the data folder {source}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:

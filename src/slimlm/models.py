@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir
+from ._io import atomic_dir, probe_writable
 from .errors import SlimlmError
 
 EMBEDDED_ALIASES = {
@@ -84,6 +84,7 @@ def resolve_model_path(spec: str) -> str:
         target = cache_dir() / "models" / spec
         if not (target / "config.json").exists():
             gguf = _embedded_gguf(spec)
+            probe_writable(target, what="model cache")
             print(f"converting the embedded {spec} (one time) into {target} ...", file=sys.stderr, flush=True)
             convert_gguf(gguf, target)
         return str(target)
@@ -96,6 +97,7 @@ def resolve_model_path(spec: str) -> str:
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "models" / f"{path.stem}-{key}"
         if not (target / "config.json").exists():
+            probe_writable(target, what="model cache")
             print(f"converting {path.name} (one time) into {target} ...", file=sys.stderr, flush=True)
             convert_gguf(path, target)
         return str(target)
@@ -194,6 +196,13 @@ def check_model_folder(spec: str, weights: bool = True) -> str:
     path = resolve_model_path(spec)
     if Path(path).is_dir():
         check_model_type(read_config_json(path), f"{Path(path) / 'config.json'}")
+        for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+            side = Path(path) / name
+            if side.is_file():  # transformers would fail on it later, after outputs exist
+                try:
+                    json.loads(side.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise SlimlmError(f"{side} is not valid JSON ({str(exc).splitlines()[0]})") from None
         if weights:
             check_weights(path)
     return path
@@ -238,6 +247,20 @@ def pick_dtype(dtype: str | torch.dtype | None = "auto", device: str | None = No
     if dtype not in table:
         raise SlimlmError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(sorted(table))})")
     return table[dtype]
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map) -> None:
+    """Refuse a device map Accelerate would not take: one of DEVICE_MAPS, a device ('cpu', 'cuda:1'), or a dict."""
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAPS:
+        return
+    try:
+        torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise SlimlmError(f"--device-map must be {', '.join(DEVICE_MAPS)} or a device such as cpu or cuda:0, "
+                          f"got '{device_map}'") from None
 
 
 def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device_map: str | dict | None = None):

@@ -59,10 +59,18 @@ def enumerate_candidates(
     the paper kept heads when width-pruning).  Parameters are counted analytically.
     """
     s = adapter.shape()
-    if not 0 < target_params < adapter.param_count(s):
+    if not 0 < target_params < adapter.param_count(s):  # NaN fails every comparison: refused too
         raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
+    for name, value in (("max-width-prune", max_width_prune), ("max-depth-prune", max_depth_prune)):
+        if not 0 <= value < 1:
+            raise SlimlmError(f"--{name} must be a fraction in [0, 1), got {value}")
+    for name, value in (("hidden-step", hidden_step), ("ffn-step", ffn_step)):
+        if value < 1:
+            raise SlimlmError(f"--{name} must be at least 1, got {value}")
+    if max_candidates is not None and max_candidates < 1:
+        raise SlimlmError(f"--max-candidates must be at least 1, got {max_candidates}")
     low_w = 1.0 - max_width_prune
     layers = range(max(1, math.ceil(s.layers * (1.0 - max_depth_prune))), s.layers + 1)
     hiddens = _grid(s.hidden * low_w, s.hidden, hidden_step)
@@ -252,8 +260,13 @@ def search_model(
     from .adapters import get_adapter
     from .data import check_source
     from .importance import Scores
-    from .models import load_config, load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer, pick_dtype
 
+    if not 0 < target_params < float("inf"):
+        raise SlimlmError(f"--target-params must be a positive number of parameters, got {target_params}")
+    if not 0 < lr < float("inf"):
+        raise SlimlmError(f"--lr must be a positive number, got {lr}")
+    pick_dtype(dtype)
     config = load_config(model)
     adapter = get_adapter(config)
     cands = enumerate_candidates(adapter, int(target_params), tolerance=tolerance, max_width_prune=max_width_prune,
@@ -262,10 +275,10 @@ def search_model(
     limit = getattr(config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise SlimlmError(f"--seq-len {seq_len} is past the model's limit of {limit} positions")
-    for name, value in (("search-tokens", search_tokens), ("calib-samples", calib_samples),
-                        ("micro-batch", micro_batch), ("global-batch", global_batch)):
-        if value < 1:
-            raise SlimlmError(f"--{name} must be at least 1, got {value}")
+    for name, value, low in (("search-tokens", search_tokens, 1), ("calib-samples", calib_samples, 1),
+                             ("micro-batch", micro_batch, 1), ("global-batch", global_batch, 1), ("seq-len", seq_len, 2)):
+        if value < low:
+            raise SlimlmError(f"--{name} must be at least {low}, got {value}")
     check_source(data, text_field)
     out = check_search_output(output, inputs=(model, scores))
     scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"

@@ -52,7 +52,7 @@ def eval_command(
 
     settings = dict(ppl=ppl, seq_len=seq_len, stride=stride, max_tokens=max_tokens, text_field=text_field,
                     tasks=tasks, task_data=task_data, include_path=include_path or None,
-                    limit=int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit,
+                    limit=limit,
                     num_fewshot=num_fewshot, speed=speed, batch_size=batch_size, prompt_len=prompt_len,
                     new_tokens=new_tokens, repeats=repeats, chat_prompts=chat_prompts, max_new_tokens=max_new_tokens)
     # Everything is checked before the first model loads.

@@ -502,7 +502,7 @@ def write_report(
     """
     run = collect_run(run_dir, extra_evals)
     out = Path(output).expanduser() if output is not None else run.root / "report"
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
+    if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
         # The folder is replaced whole: never one that holds something else.
         raise SlimlmError(f"{out} exists and is not a slimlm report folder; choose another --output")
     check_not_an_input(out, [run.root, *extra_evals])

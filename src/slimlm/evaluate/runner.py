@@ -66,8 +66,8 @@ def check_eval_args(
     check_perplexity_args(seq_len, stride, max_tokens, batch_size)
     if speed:
         check_speed_args(batch_size, prompt_len, new_tokens, repeats)
-    if limit is not None and limit <= 0:
-        raise SlimlmError(f"--limit must be positive, got {limit}")
+    if limit is not None and not 0 < limit < float("inf"):
+        raise SlimlmError(f"--limit must be a positive number, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise SlimlmError(f"--num-fewshot must be at least 0, got {num_fewshot}")
     if ppl is not None:
@@ -117,8 +117,8 @@ def check_evaluation(models: Sequence, *, output=None, dtype: str = "auto", chat
         from .chat import answers_path
 
         target = answers_path([], output)
-        if target.is_dir():
-            raise SlimlmError(f"cannot write the chat answers to {target}: it is a folder")
+        if target.exists() and not target.is_file():
+            raise SlimlmError(f"cannot write the chat answers to {target}: it is not a regular file")
         check_not_an_input(target, [chat_prompts, *models])
         probe_writable(target, what="chat answers file")
 
@@ -198,7 +198,9 @@ def evaluate(
         r = result["perplexity"] = perplexity(model, tokenizer, ppl, seq_len, stride, max_tokens, text_field, batch_size, progress)
         done("perplexity", f"{r['ppl']:.4g} over {r['tokens']:,} tokens")
     if parsed["tasks"]:
-        r = result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], limit, num_fewshot, batch_size,
+        # lm-eval reads a float limit as a fraction of the items: 500.0 means 500 items.
+        items = int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
+        r = result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], items, num_fewshot, batch_size,
                                         parsed["task_data"], include_path, apply_chat_template=chat_template)
         if chat_template:
             result["tasks_chat_template"] = True

@@ -158,7 +158,10 @@ def remove_stale_temporaries(out: str | os.PathLike, restore_only: bool = False)
         if not m or m["name"] != out.name or m["host"] != _HOST or _pid_alive(int(m["pid"])):
             continue
         if m["kind"] == "old" and not out.exists() and not out.is_symlink():
-            os.replace(entry, out)
+            try:
+                os.replace(entry, out)
+            except FileNotFoundError:  # another process of the same run put it back first
+                continue
             print(f"restored {out} from {entry.name}, left by process {m['pid']} (killed while replacing it)",
                   file=sys.stderr, flush=True)
         elif restore_only:

@@ -307,3 +307,15 @@ def test_a_run_that_fails_before_its_first_stage_leaves_no_folder(tmp_path, text
     with pytest.raises(SlimlmError, match="simulated"):
         run(recipe, text, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_alias_never_lets_an_output_replace_the_model_it_names(tmp_path, monkeypatch, capsys):
+    import slimlm.models
+
+    cached = save_tiny("llama", tmp_path / "cache" / "models" / "smollm2-135m")
+    monkeypatch.setattr(slimlm.models, "cache_dir", lambda: tmp_path / "cache")
+    before = sorted(p.name for p in cached.iterdir())
+    code, _, err = run_cli(["prune", "smollm2-135m", "-o", cached, "--overwrite", "--hidden", "36",
+                            "--importance", "magnitude"], capsys)
+    assert code == 2 and "is the input" in err
+    assert sorted(p.name for p in cached.iterdir()) == before

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import check_writable_output
+from ._io import check_not_an_input, check_writable_output
 from .adapters import get_adapter
 from .data import DEFAULT_CORPUS, check_source, pack_windows
 from .errors import SlimlmError
@@ -137,6 +137,8 @@ def importance(
     if output is not None:
         check_writable_output(output, overwrite, inputs=(model,), folder=False)
     config = load_config(model) if loaded is None else loaded.config
+    if output is not None and loaded is None:
+        check_not_an_input(output, [resolve_model_path(model)])  # an alias or a .gguf resolves to a cached folder
     shape = get_adapter(config).shape()
     for k in block_sizes:
         if not 0 < k < shape.layers:
@@ -228,6 +230,7 @@ def prune(
             raise SlimlmError(f"--save-scores {save_scores} is the output folder; choose another file")
         check_writable_output(save_scores, overwrite=True, inputs=(model,), folder=False)
     config = load_config(model)
+    check_not_an_input(out, [resolve_model_path(model)])  # an alias or a .gguf resolves to a cached folder
     adapter = get_adapter(config)
     shape = adapter.shape()
     validate_targets(targets, shape)

@@ -162,6 +162,8 @@ CASES = [
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "/proc/slimlm/d", "--data", "{IN}/corpus.txt"], "cannot write the output"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--token-cache", "/proc/slimlm/cache"], "cannot write the token cache"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--tokens", "lots"], "--tokens must be a number"),
+    (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--lr", "inf"], "--lr must be a finite number"),
+    (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--temperature", "nan"], "--temperature must be"),
     (["distill", "-t", "{IN}/unknown-type", "-s", "{M}", "-o", "{OUT}"], "unknown model type 'frobnet'"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{IN}", "--overwrite", "--data", "{IN}/corpus.txt"], "holds the input"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--seq-len", "4096"], "max_position_embeddings"),
@@ -179,8 +181,8 @@ CASES = [
     (["eval", "{IN}/truncated", "--ppl", "{IN}/corpus.txt"], "not a readable safetensors file"),
     (["eval", "{M}", "{IN}/unknown-type", "--ppl", "{IN}/corpus.txt"], "unknown model type"),
     (["eval", "{M}"], "nothing to evaluate"),
-    (["eval", "{M}", "--tasks", "mc_local", "--task-data", "mc={IN}/prompts.jsonl", "--limit", "inf"], "--limit must be a positive number"),
-    (["eval", "{M}", "--chat-prompts", "{IN}/prompts.jsonl", "-o", "/proc/slimlm/a.jsonl"], "cannot write the chat answers"),
+    (["eval", "{M}", "--tasks", "mc_local", "--task-data", "mc={IN}/prompts.jsonl", "--limit", "inf"], "--limit must be a finite number"),
+    (["eval", "{M}", "--chat-prompts", "{IN}/prompts.jsonl", "-o", "/proc/slimlm/a.jsonl"], "cannot write the output /proc/slimlm/a.jsonl"),
     (["eval", "{M}", "--chat-prompts", "{IN}/prompts.jsonl", "-o", "{IN}/prompts.jsonl"], "is the input"),
     (["eval", "{IN}/gpt2", "--chat-prompts", "{IN}/prompts.jsonl"], "has no chat template"),
     # report
@@ -198,6 +200,7 @@ CASES = [
     (["align", "{M}", "--sft", "{IN}/chats.jsonl", "-o", "{M}", "--overwrite"], "is the input model"),
     (["align", "{M}", "--sft", "{IN}/chats.jsonl", "-o", "{IN}", "--overwrite"], "holds the input"),
     (["align", "{M}", "--sft", "{IN}/chats.jsonl", "-o", "/proc/slimlm/a"], "cannot write the output"),
+    (["align", "{M}", "--sft", "{IN}/chats.jsonl", "-o", "{OUT}", "--beta", "inf"], "--beta must be a finite number"),
     (["align", "{M}", "--sft", "{IN}/chats.jsonl", "-o", "{OUT}", "--seq-len", "4096"], "max_position_embeddings"),
     # card
     (["card", "{IN}/bad-json"], "is not valid JSON"),

@@ -228,8 +228,7 @@ def test_usage_errors_of_either_click_are_one_line(module, monkeypatch, capsys):
     def raise_usage(*a, **k):
         raise exceptions.BadParameter("'abc' is not a valid integer.\nSecond line.")
 
-    slimlm.cli._register_commands()
-    monkeypatch.setattr(slimlm.cli, "app", raise_usage)
+    monkeypatch.setattr(slimlm.cli, "build_app", lambda: raise_usage)
     with pytest.raises(SystemExit) as exit_:
         slimlm.cli.main(["info", "x"])
     err = capsys.readouterr().err
@@ -278,7 +277,7 @@ def test_info_needs_no_weights_but_work_on_a_model_does(tmp_path, tiny_model_dir
 
 def test_a_search_that_fails_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
     import slimlm.models
-    from slimlm.search import search_model
+    from slimlm.search import search
 
     def broken(*a, **k):
         raise SlimlmError("cannot read the weights (simulated)")
@@ -286,36 +285,24 @@ def test_a_search_that_fails_before_its_first_result_leaves_no_folder(tmp_path, 
     monkeypatch.setattr(slimlm.models, "load_model", broken)
     out = tmp_path / "search"
     with pytest.raises(SlimlmError, match="simulated"):
-        search_model(str(save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)), out, 8e4, hidden_step=8,
-                     ffn_step=8)
+        search(str(save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)), out, target_params=8e4,
+               hidden_step=8, ffn_step=8)
     assert not out.exists()
 
 
 def test_a_run_that_fails_before_its_first_stage_leaves_no_folder(tmp_path, text_file, monkeypatch):
-    import slimlm.models
-    from slimlm.pipeline import run
+    import errno
+
+    import slimlm.pipeline
     from slimlm.recipe import parse_recipe
 
     teacher = save_tiny("llama", tmp_path / "m", max_position_embeddings=1024)
-    text = f"teacher: {teacher}\ndata: {text_file}\nprune:\n  hidden: 36\n"
-    recipe = parse_recipe(text, "r.yaml")
+    recipe = parse_recipe(f"teacher: {teacher}\ndata: {text_file}\nprune:\n  hidden: 36\n", "r.yaml")
 
-    def broken(*a, **k):
-        raise SlimlmError("tokenizer unreadable (simulated)")
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(slimlm.models, "load_tokenizer", broken)
-    with pytest.raises(SlimlmError, match="simulated"):
-        run(recipe, text, tmp_path / "run")
+    monkeypatch.setattr(slimlm.pipeline, "atomic_write_json", disk_full)
+    with pytest.raises(OSError):
+        slimlm.pipeline.run(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-
-
-def test_an_alias_never_lets_an_output_replace_the_model_it_names(tmp_path, monkeypatch, capsys):
-    import slimlm.models
-
-    cached = save_tiny("llama", tmp_path / "cache" / "models" / "smollm2-135m")
-    monkeypatch.setattr(slimlm.models, "cache_dir", lambda: tmp_path / "cache")
-    before = sorted(p.name for p in cached.iterdir())
-    code, _, err = run_cli(["prune", "smollm2-135m", "-o", cached, "--overwrite", "--hidden", "36",
-                            "--importance", "magnitude"], capsys)
-    assert code == 2 and "is the input" in err
-    assert sorted(p.name for p in cached.iterdir()) == before

@@ -306,3 +306,17 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, stri
         return None
     atomic_write_text(readme, text)
     return readme
+
+
+def refresh_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """What `slimlm card` runs: (re)write the model card of a checkpoint folder slimlm wrote."""
+    from ._io import probe_writable
+    from .errors import SlimlmError
+    from .models import check_checkpoint
+
+    path = check_checkpoint(folder, weights=False)  # an invalid config.json gets no card
+    probe_writable(path / "README.md", what="model card")
+    written = write_model_card(path, repo_id, strict=True)
+    if written is None:
+        raise SlimlmError(f"{path / 'README.md'} was not written by slimlm; not replacing it")
+    return written

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from ._cli import JsonOut, emit_json
 from .errors import SlimlmError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -43,44 +44,15 @@ def _hub_error(exc: Exception, repo_id: str) -> str:
     return f"push to {repo_id} failed: {first}"
 
 
-def _check_checkpoint(folder: Path, weights: bool) -> None:
-    """A local model folder with a valid config.json (and, with `weights`, readable weights)."""
-    from .models import check_model_type, check_weights, read_config_json
-
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise SlimlmError(f"{folder} is not a model folder (no config.json)")
-    check_model_type(read_config_json(folder), str(folder / "config.json"))
-    if weights:
-        check_weights(folder)
-
-
-def refresh_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
-    """Write or refresh the model card (README.md) of a checkpoint folder; what `slimlm card` runs.
-
-    Refuses a folder that is not a model (no config.json, an invalid one) and a README.md that
-    slimlm did not write.
-    """
-    from .card import write_model_card
-
-    from ._io import probe_writable
-
-    folder = Path(folder).expanduser()
-    _check_checkpoint(folder, weights=False)
-    probe_writable(folder / "README.md", what="model card")
-    written = write_model_card(folder, repo_id, strict=True)
-    if written is None:
-        raise SlimlmError(f"{folder / 'README.md'} was not written by slimlm; not replacing it")
-    return written
-
-
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: bool = True) -> dict:
     """Upload a checkpoint folder to the hub as `repo_id` (created if needed), its model card refreshed first.
 
     The run state under ``run/`` is left out.  Any hub problem (offline, not logged in, no
     permission) is a one-line `SlimlmError`.
     """
-    folder = Path(folder).expanduser()
-    _check_checkpoint(folder, weights=True)
+    from .models import check_checkpoint
+
+    folder = check_checkpoint(folder, weights=True)
     if not _REPO_ID.match(repo_id):
         raise SlimlmError(f"REPO_ID must look like USER/NAME or ORG/NAME, got '{repo_id}'")
     if _offline():
@@ -117,11 +89,9 @@ def register(app: typer.Typer) -> None:
         repo_id: str = typer.Argument(..., help="The hub repository: USER/NAME or ORG/NAME (created if needed)."),
         private: bool = typer.Option(False, "--private", help="Create the repository as private."),
         no_card: bool = typer.Option(False, "--no-card", help="Do not refresh README.md before uploading."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+        as_json: JsonOut = False,
     ):
         """Upload a checkpoint to the Hugging Face Hub, with its model card (run state stays local)."""
-        from .cli import emit_json
-
         result = push(folder, repo_id, private=private, card=not no_card)
         print(f"pushed {folder} to {result['url']}")
         if as_json:
@@ -131,10 +101,10 @@ def register(app: typer.Typer) -> None:
     def card_cmd(
         folder: str = typer.Argument(..., help="A checkpoint folder written by slimlm."),
         repo_id: Optional[str] = typer.Option(None, "--repo-id", help="The hub name to show in the usage example."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+        as_json: JsonOut = False,
     ):
         """Write or refresh the model card (README.md), e.g. after `slimlm eval` saved results."""
-        from .cli import emit_json
+        from .card import refresh_card
 
         written = refresh_card(folder, repo_id)
         print(f"model card written to {written}")

@@ -208,6 +208,18 @@ def check_model_folder(spec: str, weights: bool = True) -> str:
     return path
 
 
+def check_checkpoint(folder: str | os.PathLike, weights: bool = True) -> Path:
+    """A local model folder: config.json there, valid and of a known model type (and, with `weights`,
+    readable weights); what `card` and `push` check before touching it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise SlimlmError(f"{folder} is not a model folder (no config.json)")
+    check_model_type(read_config_json(folder), str(folder / "config.json"))
+    if weights:
+        check_weights(folder)
+    return folder
+
+
 def load_config(spec: str, weights: bool = True):
     """The config of a model, after `check_model_folder` (`weights=False`: the config alone is needed)."""
     from transformers import AutoConfig

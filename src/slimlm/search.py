@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
 from .adapters import Adapter, Shape
+from .config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig, route_overrides
 from .errors import SlimlmError
 
 
@@ -39,38 +40,27 @@ def _grid(low: float, high: int, step: int) -> list[int]:
     return values
 
 
-def enumerate_candidates(
-    adapter: Adapter,
-    target_params: int,
-    *,
-    tolerance: float = 0.05,
-    max_width_prune: float = 0.4,
-    max_depth_prune: float = 0.2,
-    hidden_step: int = 64,
-    ffn_step: int = 128,
-    max_candidates: int | None = 20,
-    prune_heads: bool = True,
-) -> list[Candidate]:
-    """Uniform shapes within ±`tolerance` of `target_params`, closest first.
+def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchConfig | None = None,
+                         **overrides) -> list[Candidate]:
+    """Uniform shapes within ±`tolerance` of `target_params`, closest first (settings: `SearchConfig`).
 
     Grids: layers from (1 - max_depth_prune)·L to L; hidden and MLP sizes on multiples
     of `hidden_step` / `ffn_step` down to (1 - max_width_prune) of the original; query
     heads on multiples of the KV heads (or the original count with `prune_heads=False`;
     the paper kept heads when width-pruning).  Parameters are counted analytically.
+    `max_candidates` None keeps them all.
     """
+    c = SearchConfig.make(config, **overrides)
+    tolerance, max_width_prune, max_depth_prune = c.tolerance, c.max_width_prune, c.max_depth_prune
+    hidden_step, ffn_step, max_candidates, prune_heads = c.hidden_step, c.ffn_step, c.max_candidates, c.prune_heads
     s = adapter.shape()
-    if not 0 < target_params < adapter.param_count(s):  # NaN fails every comparison: refused too
+    if not 0 < target_params < adapter.param_count(s):
         raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
     for name, value in (("max-width-prune", max_width_prune), ("max-depth-prune", max_depth_prune)):
         if not 0 <= value < 1:
             raise SlimlmError(f"--{name} must be a fraction in [0, 1), got {value}")
-    for name, value in (("hidden-step", hidden_step), ("ffn-step", ffn_step)):
-        if value < 1:
-            raise SlimlmError(f"--{name} must be at least 1, got {value}")
-    if max_candidates is not None and max_candidates < 1:
-        raise SlimlmError(f"--max-candidates must be at least 1, got {max_candidates}")
     low_w = 1.0 - max_width_prune
     layers = range(max(1, math.ceil(s.layers * (1.0 - max_depth_prune))), s.layers + 1)
     hiddens = _grid(s.hidden * low_w, s.hidden, hidden_step)
@@ -96,23 +86,13 @@ def enumerate_candidates(
     return out[:max_candidates] if max_candidates else out
 
 
-def run_search(
-    teacher_model,
-    tokenizer,
-    scores,
-    candidates: list[Candidate],
-    out: Path,
-    *,
-    data,
-    search_tokens: int,
-    distill_kwargs: dict,
-    depth_metric: str = "block",
-    progress: bool = True,
-) -> list[dict]:
+def distill_candidates(teacher_model, tokenizer, scores, candidates: list[Candidate], out: Path, *, data,
+                       search_tokens: int, distill: DistillConfig, depth_metric: str = "block",
+                       progress: bool = True) -> list[dict]:
     """Prune, briefly distill and score each candidate; results are cached per candidate."""
     from .adapters import get_adapter
-    from .distill import distill
-    from .plan import Targets, make_plan
+    from .distill import distill as run_distill
+    from .plan import make_plan
     from .prune import prune_model
 
     adapter = get_adapter(teacher_model)
@@ -125,21 +105,12 @@ def run_search(
             results.append(json.loads(done.read_text()))
             continue
         s = cand.shape
-        targets = Targets(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
+        targets = PruneConfig(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
         plan = make_plan(scores, source, targets)
         student = prune_model(teacher_model, plan)
         print(f"[search {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters", flush=True)
-        result = distill(
-            teacher_model,
-            student,
-            data,
-            out=folder / "student",
-            tokens=search_tokens,
-            tokenizer=tokenizer,
-            overwrite=True,
-            progress=progress,
-            **distill_kwargs,
-        )
+        result = run_distill(teacher_model, student, data, folder / "student", search_tokens, distill,
+                             tokenizer=tokenizer, overwrite=True, progress=progress)
         row = {
             "candidate": cand.name,
             **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
@@ -181,29 +152,6 @@ def write_ranking(out: Path, results: list[dict]) -> None:
     atomic_write_json(out / "ranking.json", results)
 
 
-def search(teacher_model, tokenizer, scores, scores_path: Path, candidates: list[Candidate], out: Path, *,
-           data, search_tokens: int, distill_kwargs: dict, calibration: dict | None = None,
-           progress: bool = True) -> tuple[list[dict], Path]:
-    """The whole search over `candidates`: what `slimlm search` and the pipeline's search stage run.
-
-    Scores the contiguous blocks that depth candidates need (saved back to `scores_path`;
-    `calibration` holds `api.add_block_losses`'s fallbacks for what the scores' metadata lacks),
-    distills every candidate briefly (`run_search`), writes OUT/ranking.{md,json} and keeps
-    the winner's student in OUT/winner.  Returns (ranking, winner folder).
-    """
-    from .adapters import get_adapter
-    from .api import add_block_losses
-
-    layers = get_adapter(teacher_model).shape().layers
-    depths = [layers - c.shape.layers for c in candidates]
-    if add_block_losses(scores, teacher_model, tokenizer, depths, data=data, progress=progress, **(calibration or {})):
-        scores.save(scores_path)
-    results = run_search(teacher_model, tokenizer, scores, candidates, out, data=data, search_tokens=search_tokens,
-                         distill_kwargs=distill_kwargs, progress=progress)
-    write_ranking(out, results)
-    return results, keep_winner(out, results)
-
-
 def _is_search_folder(folder: Path) -> bool:
     return any((folder / name).exists() for name in ("candidates", "scores.safetensors", "ranking.json", "winner"))
 
@@ -224,37 +172,27 @@ def check_search_output(output: str | Path, inputs=()) -> Path:
     return out
 
 
-def search_model(
+def search(
     model: str,
     output: str | Path,
-    target_params: float,
+    config: SearchConfig | None = None,
+    distill: DistillConfig | None = None,
+    importance: ImportanceConfig | None = None,
     *,
-    data=None,
-    text_field: str = "text",
-    tolerance: float = 0.05,
-    max_width_prune: float = 0.4,
-    max_depth_prune: float = 0.2,
-    max_candidates: int = 8,
-    prune_heads: bool = True,
-    hidden_step: int = 64,
-    ffn_step: int = 128,
-    search_tokens: int = 20000,
     scores: str | Path | None = None,
-    calib_samples: int = 128,
-    seq_len: int = 256,
-    micro_batch: int = 4,
-    global_batch: int = 16,
-    lr: float = 1e-4,
-    seed: int = 0,
-    dtype: str = "auto",
+    loaded=None,
     progress: bool = True,
-    say=print,
-) -> tuple[list[dict], Path]:
-    """`slimlm search`: check everything, compute (or reuse) the scores, then `search` the candidates.
+    **overrides,
+) -> dict:
+    """The whole search: what `slimlm search` and the pipeline's search stage run.
 
-    Nothing is written before every check passed; a search that fails before its first result
-    leaves no output folder behind (a later failure keeps the finished candidates: rerunning
-    resumes).  Returns (ranking, winner folder).
+    Enumerates candidate shapes near `config.target_params`, scores importance (or reuses
+    `scores`, default OUT/scores.safetensors when it exists), adds the contiguous-block losses
+    the depth candidates need, distills every candidate for `search_tokens` with the `distill`
+    settings (its data is `importance.data`, calibration windows use the distillation's seq_len),
+    writes OUT/ranking.{md,json} and keeps the winner's student in OUT/winner.  Keyword overrides
+    go to whichever config declares them.  `loaded` is the teacher already in memory.  Returns
+    {"output", "ranking", "winner", "winner_path", "candidates"}.
     """
     from . import api
     from .adapters import get_adapter
@@ -262,48 +200,47 @@ def search_model(
     from .importance import Scores
     from .models import load_config, load_model, load_tokenizer, pick_dtype
 
-    if not 0 < target_params < float("inf"):
-        raise SlimlmError(f"--target-params must be a positive number of parameters, got {target_params}")
-    if not 0 < lr < float("inf"):
-        raise SlimlmError(f"--lr must be a positive number, got {lr}")
-    pick_dtype(dtype)
-    config = load_config(model)
-    adapter = get_adapter(config)
-    cands = enumerate_candidates(adapter, int(target_params), tolerance=tolerance, max_width_prune=max_width_prune,
-                                 max_depth_prune=max_depth_prune, hidden_step=hidden_step, ffn_step=ffn_step,
-                                 max_candidates=max_candidates, prune_heads=prune_heads)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise SlimlmError(f"--seq-len {seq_len} is past the model's limit of {limit} positions")
-    for name, value, low in (("search-tokens", search_tokens, 1), ("calib-samples", calib_samples, 1),
-                             ("micro-batch", micro_batch, 1), ("global-batch", global_batch, 1), ("seq-len", seq_len, 2)):
-        if value < low:
-            raise SlimlmError(f"--{name} must be at least {low}, got {value}")
-    check_source(data, text_field)
+    made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
+                           importance=(ImportanceConfig, importance))
+    c, d, imp = made["search"], made["distill"], made["importance"]
+    if c.target_params is None:
+        raise SlimlmError("--target-params is required for a search")
+    api.check_importance_config(imp)
+    # -- every check before any output exists (a search folder is resumable: an earlier one is fine) --
+    pick_dtype(d.dtype)
+    model_config = loaded.config if loaded is not None else load_config(model)
+    adapter = get_adapter(model_config)
+    candidates = enumerate_candidates(adapter, int(c.target_params), c)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and d.seq_len > limit:
+        raise SlimlmError(f"--seq-len {d.seq_len} is past the model's limit of {limit} positions")
+    check_source(imp.data, imp.text_field)
     out = check_search_output(output, inputs=(model, scores))
     scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"
-    reused = None
-    if scores_path.exists():
-        reused = Scores.load(scores_path)
-        reused.check_matches(adapter.shape())
-    elif scores is not None:
+    if scores and not scores_path.exists():
         raise SlimlmError(f"scores file not found: {scores}")
-
+    given = Scores.load(scores_path) if scores_path.exists() else None
+    if given is not None:
+        given.check_matches(adapter.shape())
+    # -- work: a search that fails before writing anything leaves no folder behind ---------------
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        teacher = load_model(model, dtype=dtype)
+        teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
         tok = load_tokenizer(model)
-        sc = reused if reused is not None else api.importance(
-            model, scores_path, data=data, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
-            depth_loss=False, seed=seed, loaded=teacher, overwrite=True, progress=progress)
-        say(f"{len(cands)} candidates within ±{tolerance:.0%} of {target_params / 1e6:.1f}M parameters")
-        return search(teacher, tok, sc, scores_path, cands, out, data=data, search_tokens=search_tokens,
-                      distill_kwargs=dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr,
-                                          seed=seed, dtype=dtype, text_field=text_field),
-                      calibration=dict(seq_len=seq_len, calib_samples=calib_samples, seed=seed, text_field=text_field),
-                      progress=progress)
+        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False)
+        sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher, overwrite=True,
+                                                            progress=progress)
+        depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
+        if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
+            sc.save(scores_path)
+        ranking = distill_candidates(teacher, tok, sc, candidates, out, data=imp.data, search_tokens=c.search_tokens,
+                                     distill=d, progress=progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    write_ranking(out, ranking)
+    winner = keep_winner(out, ranking)
+    return {"output": str(out), "ranking": ranking, "winner": ranking[0], "winner_path": str(winner),
+            "candidates": len(candidates), "scores": str(scores_path)}

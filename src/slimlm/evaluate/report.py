@@ -26,6 +26,7 @@ from typing import Sequence
 
 from .._io import atomic_dir, check_not_an_input, probe_writable
 from ..errors import SlimlmError
+from .compare import comparison_rows, model_name
 from .runner import EVAL_FILE, load_results
 
 MAX_DEPTH = 4
@@ -258,7 +259,7 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         fig.colorbar(im, ax=ax, label="importance")
         figs.append(Figure(f"{tag}heads", "Attention-head importance", _png(fig)))
     ffn = t.get("ffn")
-    if ffn is not None and ffn.dim() == 2:
+    if ffn is not None and ffn.dim() == 2 and ffn.numel():  # MoE-only models (Mixtral) have no dense MLP
         # Neurons are ranked within their layer, so each row is shown relative to its max.
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.25 * ffn.shape[0], 10)))
         im = ax.imshow(_row_relative(ffn), aspect="auto", cmap="magma", interpolation="nearest", norm=_log_norm())
@@ -341,49 +342,6 @@ def metrics_figures(tag: str, records: list[dict]) -> list[Figure]:
 # ---------------------------------------------------------------- table
 
 
-def _num(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
-
-
-def _params(n) -> str:
-    return "-" if not isinstance(n, (int, float)) else (f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B")
-
-
-def comparison_rows(evals: list[tuple[Path, dict]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the before/after table: one row per model."""
-    tasks: dict[tuple[str, str], None] = {}
-    for _, r in evals:
-        for task, m in (r.get("tasks") or {}).items():
-            metric = "acc_norm" if "acc_norm" in m else "acc" if "acc" in m else next(
-                (k for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr")), None)
-            if metric:
-                tasks[(task, metric)] = None
-    header = ["model", "parameters", "perplexity"] + [f"{t} {m}" for t, m in tasks] + [
-        "prefill tok/s", "decode tok/s", "peak MB"]
-    base = evals[0][1] if evals else {}
-    rows = []
-    for path, r in evals:
-        ppl = (r.get("perplexity") or {}).get("ppl")
-        sp, bsp = r.get("speed") or {}, base.get("speed") or {}
-
-        def with_ratio(key):
-            v, b = sp.get(key), bsp.get(key)
-            if isinstance(v, (int, float)) and isinstance(b, (int, float)) and b and r is not base:
-                return f"{_num(v)} ({v / b:.2f}x)"
-            return _num(v)
-
-        rows.append(
-            [str(r.get("model") or path.parent.name), _params(r.get("parameters")), _num(ppl)]
-            + [_num((r.get("tasks") or {}).get(t, {}).get(m)) for t, m in tasks]
-            + [with_ratio("prefill_tokens_per_s"), with_ratio("decode_tokens_per_s"), _num(sp.get("peak_mem_mb"))]
-        )
-    return header, rows
-
-
 def comparison_notes(evals: list[tuple[Path, dict]]) -> list[str]:
     """Warnings about numbers in the table that were not measured alike."""
     notes = []
@@ -405,7 +363,7 @@ def chat_rows(evals: list[tuple[Path, dict]], width: int = 400) -> tuple[list[st
     with_chat = [(p, r) for p, r in evals if (r.get("chat") or {}).get("answers")]
     if not with_chat:
         return None
-    header = ["prompt"] + [str(r.get("model") or p.parent.name) for p, r in with_chat]
+    header = ["prompt"] + [model_name(r, p) for p, r in with_chat]
     first = with_chat[0][1]["chat"]["answers"]
 
     def cut(text) -> str:
@@ -510,7 +468,7 @@ def write_report(
     if not (run.scores or run.metrics or run.evals):
         raise SlimlmError(f"nothing to report in {run.root}: no *scores*.safetensors, metrics.jsonl or eval.json found")
     sections = _sections(run)
-    table = comparison_rows(run.evals) if run.evals else None
+    table = comparison_rows([r for _, r in run.evals], [model_name(r, p) for p, r in run.evals]) if run.evals else None
     title = f"slimlm report: {run.root.resolve().name}"
     figures = [f for _, figs, _ in sections for f in figs]
     with atomic_dir(out) as tmp:

@@ -151,7 +151,7 @@ CASES = [
     (["search", "{IN}/truncated", "-o", "{OUT}", *SEARCH], "not a readable safetensors file"),
     (["search", "{M}", "-o", "/proc/slimlm/search", *SEARCH], "cannot write the search folder"),
     (["search", "{M}", "-o", "{OUT}", "--target-params", "1e12"], "--target-params must be between"),
-    (["search", "{M}", "-o", "{W}/existing", *SEARCH], "is not a search folder"),
+    (["search", "{M}", "-o", "{W}/existing", *SEARCH], "already exists"),
     (["search", "{M}", "-o", "{OUT}", *SEARCH, "--seq-len", "4096"], "past the model's limit"),
     (["search", "{M}", "-o", "{OUT}", "--target-params", "nan"], "--target-params must be"),
     (["search", "{M}", "-o", "{OUT}", *SEARCH, "--hidden-step", "0"], "--hidden-step must be at least 1"),

@@ -96,7 +96,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     app = build_app()
     try:
-        app(args=argv, standalone_mode=False, prog_name="slimlm")
+        code = app(args=argv, standalone_mode=False, prog_name="slimlm")
+        # Non-standalone typer returns (not raises) an interruption's exit code: Ctrl-C must not exit 0.
+        if code == 130:
+            raise KeyboardInterrupt
     except SlimlmError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -128,9 +128,10 @@ def _search_and_prune(r: Recipe, run: RunFolder) -> dict:
     from .search import search
 
     s = r.search
-    run.log(f"stage search: {s.search_tokens:,} distillation tokens per candidate")
+    run.log(f"stage search: successive halving over {s.search_budget:,} distillation tokens")
+    # A search folder left by a recipe with other settings is cleared; one with the same settings is continued.
     result = search(run.teacher, run.root / "search", s, r.distill, r.importance, scores=run.scores,
-                    loaded=run.teacher_model(), progress=run.progress)
+                    loaded=run.teacher_model(), progress=run.progress, overwrite=True)
     best = result["winner"]
     targets = PruneConfig(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
     return api.prune(run.teacher, run.pruned, targets, r.importance, scores=run.scores, overwrite=True,

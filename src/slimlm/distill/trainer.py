@@ -536,7 +536,9 @@ def _run(accelerator, **kw) -> DistillResult:
             bar.close()
 
     elapsed = elapsed_before + time.perf_counter() - t_start
-    if end_step < g.total_steps:  # stopped early on purpose: checkpoint, no export
+    if end_step < g.total_steps:  # stopped early on purpose: validate there (unless just done), checkpoint, no export
+        if g.eval_every and end_step % g.eval_every and end_step > start_step:
+            last_eval = evaluate(end_step)  # the result (and the search's ranking) reports the model it stopped with
         last_ckpt = checkpoint(end_step, elapsed)
         monitor.close()
         return DistillResult(str(out), g.mode, end_step, end_step * tokens_per_step, False, last_eval, elapsed, last_ckpt)

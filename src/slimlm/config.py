@@ -244,6 +244,10 @@ class ImportanceConfig(Settings):
     device_map: Optional[str] = setting(
         None, "Accelerate device map, e.g. 'auto' to spread a large model over GPUs and CPU (default: auto when a "
               "GPU is present).")
+    offload: str = setting(
+        "auto", "layers: read the decoder layers one at a time from the checkpoint (memory: one layer, the "
+                "embeddings and the calibration hidden states); auto: do so when the model would not fit in "
+                "memory; none: load the whole model.")
 
 
 @dataclass(frozen=True)

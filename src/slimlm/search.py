@@ -407,7 +407,7 @@ def search(
         atomic_write_json(out / LADDER_FILE, record)
         teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
         tok = load_tokenizer(model)
-        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False)
+        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False, offload="none")  # the teacher is in memory to distill
         sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher,
                                                             overwrite=True, progress=progress)
         depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]

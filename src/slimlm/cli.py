@@ -37,36 +37,16 @@ def build_app() -> typer.Typer:
     return app
 
 
-def _usage_error_types() -> tuple[type, ...]:
-    """Click's exception base classes: typer >= 0.2x vendors its own click (`typer._click`),
-    older releases use the `click` package; both may be installed, so catch both."""
-    types = []
+def _click_types(name: str) -> tuple[type, ...]:
+    """Click's exception class `name` from both clicks: typer >= 0.2x vendors its own (`typer._click`),
+    older releases use the `click` package, and both may be installed."""
+    types = [getattr(typer, name, None)]
     for module in ("typer._click.exceptions", "click.exceptions"):
         try:
-            types.append(importlib.import_module(module).ClickException)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(types)
-
-
-def _abort_types() -> tuple[type, ...]:
-    types = [getattr(typer, "Abort", None)]
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            types.append(getattr(importlib.import_module(module), "Abort", None))
+            types.append(getattr(importlib.import_module(module), name, None))
         except ImportError:
             continue
-    return tuple(t for t in types if isinstance(t, type))
-
-
-def _exit_types() -> tuple[type, ...]:
-    types = [getattr(typer, "Exit", None)]
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            types.append(getattr(importlib.import_module(module), "Exit", None))
-        except ImportError:
-            continue
-    return tuple(t for t in types if isinstance(t, type))
+    return tuple({t for t in types if isinstance(t, type)})
 
 
 def one_line(text: str) -> str:
@@ -108,12 +88,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except _exit_types() as exc:
+    except _click_types("Exit") as exc:
         sys.exit(getattr(exc, "exit_code", 0))
-    except _abort_types():
+    except _click_types("Abort"):
         print("aborted", file=sys.stderr)
         sys.exit(1)
-    except _usage_error_types() as exc:
+    except _click_types("ClickException") as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `slimlm` alone: the help, as click shows it
             exc.show()
             sys.exit(2)

@@ -165,6 +165,17 @@ def _finish_folder(tmp: Path, source_dir: str | None, prov: dict) -> None:
     write_model_card(tmp)
 
 
+def open_safetensors(path):
+    """A safetensors file read with pread rather than mmap: read pages would otherwise stay mapped into the
+    process (resident) until it closes the file, and reading a large checkpoint piece by piece is the point."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), "pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors before 0.7: mmap only
+        return safe_open(str(path), "pt", device="cpu")
+
+
 def checkpoint_shards(folder: str | Path) -> list[Path]:
     """The safetensors files of a local checkpoint (sharded or single)."""
     folder = Path(folder)
@@ -178,7 +189,6 @@ def checkpoint_shards(folder: str | Path) -> list[Path]:
 
 def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, prov: dict) -> Path:
     """Prune a safetensors checkpoint on disk shard by shard, writing one output shard per input shard."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -194,7 +204,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     total = 0
     with atomic_dir(out) as tmp:
         for i, shard in enumerate(shards):
-            with safe_open(str(shard), "pt") as f:
+            with open_safetensors(shard) as f:
                 names = [n for n in f.keys() if not (tied and n == "lm_head.weight")]
                 sliced = dict(prune_tensors(((n, f.get_tensor(n)) for n in names), adapter, plan, new_config))
             if not sliced:

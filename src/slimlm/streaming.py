@@ -68,10 +68,9 @@ class LayerStream:
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
         from accelerate import init_empty_weights
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .prune import checkpoint_shards
+        from .prune import checkpoint_shards, open_safetensors
 
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
@@ -90,7 +89,7 @@ class LayerStream:
         with init_empty_weights(include_buffers=False):  # rotary frequencies and other buffers stay real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.mapping = get_model_conversion_mapping(self.model)
-        self._files = [safe_open(str(f), "pt", device="cpu") for f in files]
+        self._files = [open_safetensors(f) for f in files]
         self._where = {k: f for f in self._files for k in f.keys()}
         self.layers = self.adapter.layers(self.model)
         n = len(self.layers)

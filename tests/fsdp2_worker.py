@@ -1,13 +1,16 @@
 """Run under `torchrun` (gloo, CPU): three steps of the trainer's two modules sharded with FSDP2 as
 Accelerate's `fsdp2_prepare_model` lays them out (decoder layers as units; final norm, embeddings
-and LM head as one unit kept gathered after forward; the wrapper as root). Prints the losses as JSON.
+and LM head as one unit kept gathered after forward; the wrapper as root).
 
-Used by tests/test_distill_multiprocess.py; with `--plain` the same steps run without sharding.
+`python fsdp2_worker.py OUT_DIR [--plain]`: each process writes its losses as JSON to its own file,
+OUT_DIR/rank-<rank>.json (one shared stdout interleaves the processes' lines). Used by
+tests/test_distill_multiprocess.py; with `--plain` the same steps run without sharding (rank 0).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +63,8 @@ def main():
         losses.append(out["loss"].item())
     with torch.no_grad():
         val = student(ids, *teacher(ids), t_head, metrics=True).tolist()
-    print(json.dumps({"losses": losses, "val": val}), flush=True)
+    out = Path(sys.argv[1]) / f"rank-{os.environ.get('RANK', '0')}.json"
+    out.write_text(json.dumps({"losses": losses, "val": val}))
     if not plain:
         dist.destroy_process_group()
 

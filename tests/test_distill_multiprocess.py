@@ -69,15 +69,20 @@ def test_fsdp2_sharded_modules_follow_plain_training(tmp_path):
     calls inside the chunked loss. Same losses and validation sums as unsharded training with the fused loss."""
     worker = os.path.join(os.path.dirname(__file__), "fsdp2_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    plain = subprocess.run([sys.executable, worker, "--plain"], capture_output=True, text=True, timeout=120, env=env)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "sharded").mkdir()
+    plain = subprocess.run([sys.executable, worker, str(tmp_path / "plain"), "--plain"], capture_output=True,
+                           text=True, timeout=120, env=env)
     assert plain.returncode == 0, plain.stderr[-3000:]
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), worker]
+            str(_free_port()), worker, str(tmp_path / "sharded")]
     sharded = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    want = json.loads(plain.stdout.strip().splitlines()[-1])
-    lines = [json.loads(x) for x in sharded.stdout.strip().splitlines() if x.startswith("{")]
-    assert len(lines) == 2  # one per process
-    for got in lines:
+    want = json.loads((tmp_path / "plain" / "rank-0.json").read_text())
+    # Each process writes its own file: lines printed by two processes to one pipe can interleave.
+    results = sorted((tmp_path / "sharded").glob("rank-*.json"))
+    assert [p.name for p in results] == ["rank-0.json", "rank-1.json"]
+    for path in results:
+        got = json.loads(path.read_text())
         assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
         assert got["val"] == pytest.approx(want["val"], rel=1e-5)

@@ -19,7 +19,8 @@ import os
 import sys
 
 
-def _extend_accelerate_to_cpu_groups() -> None:
+def extend_accelerate_to_cpu_groups() -> None:
+    """Patch `AcceleratorState` (in this process) to apply the launch config's FSDP / DeepSpeed to a CPU group."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
@@ -57,7 +58,7 @@ def _extend_accelerate_to_cpu_groups() -> None:
 
 
 def main() -> None:
-    _extend_accelerate_to_cpu_groups()
+    extend_accelerate_to_cpu_groups()
     from slimlm.cli import main as slimlm_main
 
     sys.argv = ["slimlm", *sys.argv[1:]]

@@ -8,6 +8,7 @@ the order of floating-point sums in the gradient all-reduce: tolerance 1e-4 rela
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -150,3 +151,18 @@ def test_fsdp2_run_is_killed_resumes_and_exports_like_one_process(tmp_path):
     assert saved and all(k.startswith("model.objective.") for k in saved), saved
     optim = list(FileSystemReader(str(step / "optimizer_0")).read_metadata().state_dict_metadata)
     assert optim and not [k for k in optim if "teacher" in k]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+def test_zero3_run_is_killed_resumes_and_exports_like_one_process(tmp_path):
+    """DeepSpeed ZeRO-3 on DeepSpeed's CPU accelerator (`accelerate launch` with configs/accelerate/deepspeed_zero3_8gpu.yaml:
+    ZeRO-3 partitioned from loading on, engine checkpoints, the gathered 16-bit export, here in fp32)."""
+    checkpoints = _sharded_run_follows_one_process(tmp_path, "deepspeed_zero3_8gpu.yaml", "DEEPSPEED")
+    # The engine's checkpoint holds the student only: the frozen teacher's partitions are left out.
+    for rank in (0, 1):
+        state = torch.load(checkpoints / "step-00000004" / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                           map_location="cpu", weights_only=False)
+        assert state["ds_config"]["zero_optimization"]["stage"] == 3
+        assert not state["frozen_param_fragments"] and not [k for k in state["module"] if "teacher" in k]
+        assert all(v.numel() == 0 for v in state["module"].values())  # partitioned: the weights are in the optimizer state

@@ -38,6 +38,14 @@ def check_fsdp_version(accelerator) -> None:
         raise SlimlmError("slimlm supports FSDP version 2 only (set fsdp_version: 2 in the accelerate config)")
 
 
+def set_deepspeed_micro_batch(accelerator, micro_batch: int) -> None:
+    """Under DeepSpeed, give the engine slimlm's --micro-batch (Accelerate takes it from a dataloader; slimlm has none)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+
+
 def reset_accelerate() -> None:
     """Forget this run's Accelerate settings so that another `distill` call in the process starts clean.
 

@@ -25,7 +25,7 @@ from .._io import check_writable_output
 from ..data import DEFAULT_CORPUS, check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
-from .accel import check_fsdp_version, cpu_only, reset_accelerate, shards_parameters
+from .accel import check_fsdp_version, cpu_only, reset_accelerate, set_deepspeed_micro_batch, shards_parameters
 from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
@@ -387,6 +387,7 @@ def _run(accelerator, **kw) -> DistillResult:
                                   fused=not sharded or None)
     sched_fn = lambda s: schedule(s, g.total_steps, g.lr, g.min_lr, g.warmup_steps) / g.lr  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
+    set_deepspeed_micro_batch(accelerator, g.micro_batch)
     with model.teacher_in_state_dict():  # FSDP2 loads every shard, the teacher's too, from the main process
         model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler counts optimizer steps itself (prepare() would step it once per process).

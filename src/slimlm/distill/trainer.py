@@ -373,6 +373,9 @@ def _run(accelerator, **kw) -> DistillResult:
     s_model.train()
     # Under FSDP2 / ZeRO-3 AdamW keeps torch's default implementation (sharded parameters).
     sharded = shards_parameters(accelerator)
+    if main and sharded and accelerator.device.type != "cpu":
+        print(f"note: slimlm's {g.distributed} path is tested on CPU processes (torch 2.11 and 2.13) but not yet "
+              "confirmed on GPUs (bench/gpu.sh, part 5; configs/accelerate/README.md)", file=sys.stderr, flush=True)
     # One module runs teacher, student and loss: under FSDP2 / ZeRO-3 it is the root, so every
     # sharded module is called inside the root's forward (see Distillation).
     objective = StudentObjective(

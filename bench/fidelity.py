@@ -41,7 +41,8 @@ from slimlm.distill import distill
 from slimlm.evaluate import perplexity, run_tasks
 from slimlm.importance import Scores, estimate_importance
 from slimlm.models import load_model, load_tokenizer
-from slimlm.plan import Targets, make_plan, target_shape
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan, target_shape
 from slimlm.prune import prune_model
 
 WIDTH = dict(hidden=384, ffn=1024, heads=6)  # about half of SmolLM2-135M
@@ -161,7 +162,7 @@ class Study:
         return self._scores[key]
 
     def depth_layers(self) -> int:
-        width_params = self.adapter.param_count(target_shape(Targets(**WIDTH), self.shape))
+        width_params = self.adapter.param_count(target_shape(PruneConfig(**WIDTH), self.shape))
         return min(range(1, self.shape.layers), key=lambda n: abs(
             self.adapter.param_count(Shape(**{**self.shape.as_dict(), "layers": n})) - width_params))
 
@@ -220,7 +221,7 @@ class Study:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
         tmp.replace(self.rows_path)
 
-    def pruned(self, targets: Targets, kind="activation", aggregation="mean,l2", teacher=None, scores_key=None, data=None):
+    def pruned(self, targets: PruneConfig, kind="activation", aggregation="mean,l2", teacher=None, scores_key=None, data=None):
         sc = self.scores(kind, aggregation, teacher=teacher, data=data, key=scores_key)
         return prune_model(teacher or self.teacher, make_plan(sc, self.shape, targets))
 
@@ -248,7 +249,7 @@ def main():
     torch.set_num_threads(a.threads)
     st = Study(a)
     print(f"# {machine()}; {a.tokens} distillation tokens per row; out: {a.out}", flush=True)
-    width = Targets(**WIDTH)
+    width = PruneConfig(**WIDTH)
     depth_n = st.depth_layers()
 
     st.row("0 teacher", "SmolLM2-135M-Instruct", lambda: st.teacher)
@@ -256,7 +257,7 @@ def main():
     st.row("1 width vs depth", "width (activation)", lambda: st.pruned(width), saved="w-act")
     for metric in ("block", "loss", "bi"):
         st.row("1 width vs depth", f"depth {depth_n} layers by {metric}",
-               lambda metric=metric: st.pruned(Targets(layers=depth_n, depth_metric=metric)),
+               lambda metric=metric: st.pruned(PruneConfig(layers=depth_n, depth_metric=metric)),
                saved=f"d-{metric}")
     # 2. importance kinds ----------------------------------------------------------------
     for kind in ("activation", "magnitude", "random"):
@@ -312,11 +313,11 @@ def main():
                         distill_kwargs=dict(seq_len=a.seq_len, micro_batch=4, global_batch=16, lr=1e-4, min_lr=1e-5,
                                             warmup=4, seed=0, heldout=4, tensorboard=False))
     best = ranking[0]
-    win = Targets(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
+    win = PruneConfig(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
     st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), saved="search-winner")
     st.row("6 search vs hand-picked", "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(width), saved="w-act-2")
     for name, t in HAND_SHAPES.items():
-        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(Targets(**t)), saved=name)
+        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(PruneConfig(**t)), saved=name)
     write_tables(st, ranking)
 
 

@@ -24,7 +24,8 @@ from slimlm.api import calibration_windows
 from slimlm.evaluate import perplexity
 from slimlm.importance import estimate_importance
 from slimlm.models import load_model, load_tokenizer
-from slimlm.plan import Targets, make_plan
+from slimlm.config import PruneConfig
+from slimlm.plan import make_plan
 from slimlm.prune import prune_model
 
 
@@ -42,7 +43,7 @@ def main():
     tok = load_tokenizer(args.model)
     adapter = get_adapter(model)
     shape = adapter.shape()
-    width = Targets(hidden=384, ffn=1024, heads=6)
+    width = PruneConfig(hidden=384, ffn=1024, heads=6)
     width_params = adapter.param_count(make_plan_shape(width, shape))
     # depth: the layer count whose parameter count is closest to the width-pruned model's
     layers = min(range(1, shape.layers), key=lambda n: abs(adapter.param_count(shape.__class__(**{**shape.as_dict(), "layers": n})) - width_params))
@@ -60,9 +61,9 @@ def main():
     }
     t_scores = time.perf_counter() - t0
     rows = [("teacher", "-", "-", adapter.param_count(shape), ppl(model), [])]
-    cases = [("width", kind, Targets(hidden=384, ffn=1024, heads=6)) for kind in scores]
-    cases += [("depth", "activation", Targets(layers=layers, depth_metric=m)) for m in ("block", "loss", "bi")]
-    cases += [("depth", kind, Targets(layers=layers)) for kind in ("magnitude", "random")]
+    cases = [("width", kind, PruneConfig(hidden=384, ffn=1024, heads=6)) for kind in scores]
+    cases += [("depth", "activation", PruneConfig(layers=layers, depth_metric=m)) for m in ("block", "loss", "bi")]
+    cases += [("depth", kind, PruneConfig(layers=layers)) for kind in ("magnitude", "random")]
     for axis, kind, t in cases:
         plan = make_plan(scores[kind], shape, t)
         student = prune_model(model, plan)

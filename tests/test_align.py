@@ -340,7 +340,7 @@ importance: {{calib_samples: 4, seq_len: 32, heldout: 2}}
 prune: {{hidden: 36, ffn: 40, heads: 3}}
 distill: {{tokens: 256, seq_len: 32, micro_batch: 4, global_batch: 4, warmup: 1, heldout: 2}}
 align: {{sft: {files['sft']}, prefs: {files['prefs']}, tokens: 60, seq_len: 64, micro_batch: 2}}
-eval: {{ppl: {corpus}, ppl_tokens: 128, seq_len: 32, speed: false}}
+eval: {{ppl: {corpus}, max_tokens: 128, seq_len: 32, speed: false}}
 """)
     out = tmp_path / "run"
     code, stdout, err = run(["run", recipe, "-o", out, "--json"], capsys)

@@ -402,8 +402,7 @@ def _cli(argv, capsys):
 def test_cli_distill_and_correct_teacher(models, tmp_path, capsys):
     import slimlm.cli
 
-    slimlm.cli._register_commands()
-    names = {c.name for c in slimlm.cli.app.registered_commands}
+    names = {c.name for c in slimlm.cli.build_app().registered_commands}
     assert {"distill", "correct-teacher"} <= names
     common = ["--data", models["data"], "--seq-len", str(SEQ), "--micro-batch", "4", "--eval-every", "0",
               "--json", "-q"]

@@ -198,11 +198,13 @@ def test_bad_mixtures_are_refused(data, weights, match):
 
 
 def test_launch_command_passes_a_mixture():
+    from slimlm.config import DistillConfig
     from slimlm.pipeline import launch_command
 
-    cmd = launch_command("cfg.yaml", "t", "s", {"a.txt": 0.7, "corpus/": 0.3}, "out")
+    cmd = launch_command("cfg.yaml", "t", "s", "out", DistillConfig(data={"a.txt": 0.7, "corpus/": 0.3}))
     assert " ".join(cmd).endswith("--data a.txt --data corpus/ --data-weights 0.7,0.3")
-    assert cmd.count("--data") == 2 and "--data-weights" not in launch_command("c", "t", "s", ["x", "y"], "o")
+    plain = launch_command("c", "t", "s", "o", DistillConfig(data=["x", "y"]))
+    assert cmd.count("--data") == 2 and "--data-weights" not in plain
 
 
 # ---- resume at the exact data position -------------------------------------------------------

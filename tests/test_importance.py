@@ -15,7 +15,8 @@ from slimlm.importance import (
     magnitude_scores,
     parse_aggregation,
 )
-from slimlm.plan import PrunePlan, Targets, make_plan
+from slimlm.config import PruneConfig
+from slimlm.plan import PrunePlan, make_plan
 from slimlm.prune import prune_model
 
 WINDOWS = torch.randint(3, 96, (10, 16), generator=torch.Generator().manual_seed(0))
@@ -136,7 +137,7 @@ def test_scores_round_trip_and_reuse(tmp_path):
     assert torch.equal(again.hidden, scores.hidden) and torch.equal(again.ffn, scores.ffn)
     assert again.block_losses == scores.block_losses and set(again.depth_scores) == {"bi", "loss"}
     shape = get_adapter(model).shape()
-    t = Targets(hidden=36, ffn=40, heads=3, layers=2, depth_metric="block")
+    t = PruneConfig(hidden=36, ffn=40, heads=3, layers=2, depth_metric="block")
     assert make_plan(again, shape, t) == make_plan(scores, shape, t)
 
 

@@ -35,7 +35,7 @@ distill:
   heldout: 2
 eval:
   ppl: {text_file}
-  ppl_tokens: 256
+  max_tokens: 256
   seq_len: 32
   speed: true
   prompt_len: 8
@@ -56,7 +56,13 @@ def test_whole_pipeline_then_resume(tmp_path, text_file, capsys):
     assert rows["teacher"]["parameters"] > rows["student"]["parameters"] == rows["pruned"]["parameters"]
     assert all(rows[m]["ppl"] for m in rows)
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == ["correct", "importance", "prune", "distill", "eval", "report"]
+    assert list(stages) == ["correct", "importance", "prune", "distill", "align", "eval", "report"]
+    assert stages["correct"]["skipped"] and stages["align"]["skipped"]
+    # The run's evaluation travels with the models it measured: eval.json and the model card.
+    student_eval = json.loads((out / "student" / "eval.json").read_text())
+    assert student_eval["role"] == "student" and student_eval["perplexity"]["ppl"] == rows["student"]["ppl"]
+    assert "Not evaluated yet" not in (out / "student" / "README.md").read_text()
+    assert (out / "eval" / "teacher" / "eval.json").exists()
     assert (out / "report" / "report.html").exists() and (out / "student" / "config.json").exists()
     assert (out / "recipe.yaml").read_text() == recipe.read_text()
     # Rerun: every stage is skipped.
@@ -95,23 +101,60 @@ def test_bad_recipe_from_cli_writes_nothing(tmp_path, capsys):
 
 def test_default_recipe_is_valid():
     r, _ = load_recipe(None)
-    assert r["teacher"] == "smollm2-135m" and r["mode"] == "prune"
+    assert r.teacher == "smollm2-135m" and r.mode == "prune"
 
 
 def test_multi_gpu_distill_is_launched_through_accelerate():
+    from slimlm.config import DistillConfig
     from slimlm.pipeline import launch_command
 
-    cmd = launch_command("configs/accelerate/fsdp2_8gpu.yaml", "t", "runs/x/pruned", "corpus/", "runs/x/student",
-                         tokens=1000, seq_len=8192, resume=False, overwrite=True, hidden_loss=None, lr=1e-4)
+    config = DistillConfig(tokens=1000, seq_len=8192, lr=3e-4, data="corpus/", gradient_checkpointing=True,
+                           tensorboard=False)
+    cmd = launch_command("configs/accelerate/fsdp2_8gpu.yaml", "t", "runs/x/pruned", "runs/x/student", config,
+                         overwrite=True)
     assert cmd[:7] == ["accelerate", "launch", "--config_file", "configs/accelerate/fsdp2_8gpu.yaml", "-m", "slimlm", "distill"]
     joined = " ".join(cmd)
     assert "--teacher t --student runs/x/pruned --out runs/x/student" in joined
-    assert "--tokens 1000 --seq-len 8192 --overwrite --lr 0.0001" in joined and "--resume" not in joined
+    assert "--data corpus/ --tokens 1000 --seq-len 8192 --lr 0.0003" in joined and "--resume" not in joined
+    assert "--gradient-checkpointing" in cmd and "--no-tensorboard" in cmd and cmd[-1] == "--overwrite"
     # every flag it builds is one `slimlm distill` accepts
     from typer.main import get_command
 
-    from slimlm.cli import _register_commands, app
+    from slimlm.cli import build_app
 
-    _register_commands()
-    params = {o for p in get_command(app).commands["distill"].params for o in p.opts}
+    params = {o for p in get_command(build_app()).commands["distill"].params for o in p.opts + p.secondary_opts}
     assert {a for a in cmd[7:] if a.startswith("--")} <= params
+
+
+def test_search_mode_ranks_rungs_into_the_report_and_reruns_on_new_settings(tmp_path, text_file, capsys):
+    teacher = save_tiny("llama", tmp_path / "teacher", max_position_embeddings=256)
+    recipe = tmp_path / "search.yaml"
+
+    def write(budget):
+        recipe.write_text(f"""
+teacher: {teacher}
+data: {text_file}
+importance: {{calib_samples: 4, seq_len: 32, heldout: 2}}
+search: {{target_params: 70000, tolerance: 0.15, max_candidates: 3, reduction: 2, search_budget: {budget}, hidden_step: 12,
+          ffn_step: 16}}
+distill: {{tokens: 512, seq_len: 32, micro_batch: 4, global_batch: 8, warmup: 1, heldout: 2}}
+eval: {{ppl: {text_file}, max_tokens: 128, seq_len: 32}}
+""")
+
+    write(2048)  # 8 steps of 8 x 32 tokens: rungs of 3 x 1 and 2 x 2 more steps
+    out = tmp_path / "run"
+    code, _, err = run(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    rung1 = json.loads((out / "search" / "rungs" / "rung-1.json").read_text())
+    assert (rung1["candidates"], rung1["steps"], rung1["kept"]) == (2, 3, 1)
+    winner = rung1["ranking"][0]
+    pruned = json.loads((out / "pruned" / "config.json").read_text())
+    assert (pruned["hidden_size"], pruned["intermediate_size"]) == (winner["hidden"], winner["ffn"])
+    assert "rung 1: 2 candidates at 3 steps" in (out / "report" / "report.md").read_text()
+    # Other search settings: the stage runs again into a cleared search folder (no refusal).
+    write(2560)
+    code, _, err = run(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    assert "stage search" in err
+    assert json.loads((out / "search" / "ladder.json").read_text())["budget_steps"] == 10
+    assert json.loads((out / "search" / "rungs" / "rung-1.json").read_text())["steps"] == 4

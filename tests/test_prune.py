@@ -10,7 +10,8 @@ from conftest import FAMILIES, tiny_model
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import random_scores
-from slimlm.plan import PrunePlan, Targets, choose_heads, make_plan, parse_layer_range
+from slimlm.config import PruneConfig
+from slimlm.plan import PrunePlan, choose_heads, make_plan, parse_layer_range
 from slimlm.prune import checkpoint_shards, prune_checkpoint, prune_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -18,7 +19,7 @@ IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
 def _plan(model, **targets):
     shape = get_adapter(model).shape()
-    return make_plan(random_scores(shape, seed=3), shape, Targets(**targets))
+    return make_plan(random_scores(shape, seed=3), shape, PruneConfig(**targets))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -209,4 +210,4 @@ def test_shapes_transformers_cannot_load_are_refused():
     from slimlm.plan import target_shape
 
     with pytest.raises(SlimlmError, match="divisible"):
-        adapter.validate_shape(target_shape(Targets(hidden=32, heads=3), adapter.shape()))
+        adapter.validate_shape(target_shape(PruneConfig(hidden=32, heads=3), adapter.shape()))

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimlm.adapters import get_adapter
-from slimlm.plan import PrunePlan, Targets, target_shape, validate_targets
+from slimlm.plan import PrunePlan, target_shape, validate_targets
 from slimlm.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -41,12 +41,11 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_validates_and_builds_its_student(name):
     recipe, _ = load_recipe(RECIPES / name)
-    kw = dict(TEACHERS[recipe["teacher"]])
+    kw = dict(TEACHERS[recipe.teacher])
     config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     adapter = get_adapter(config)
     shape = adapter.shape()
-    p = recipe["prune"]
-    t = Targets(p["hidden"], p["ffn"], p["heads"], p["kv_heads"], p["layers"], p["drop_layers"], p["depth_metric"])
+    t = recipe.prune
     validate_targets(t, shape)
     new = target_shape(t, shape)
     adapter.validate_shape(new)
@@ -62,4 +61,4 @@ def test_recipe_validates_and_builds_its_student(name):
     n = sum(p.numel() for p in student.parameters())
     assert n == adapter.param_count(new)
     assert abs(n / 1e9 - EXPECTED[name]) < 0.25, n
-    assert (RECIPES.parent / recipe["accelerate_config"]).exists()
+    assert (RECIPES.parent / recipe.run.accelerate_config).exists()

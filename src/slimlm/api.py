@@ -1,4 +1,8 @@
-"""The Python API behind the CLI, with the same names: `info`, `importance`, `prune`."""
+"""The Python API behind the CLI, with the same names: `info`, `importance`, `prune`.
+
+Settings come as config objects (`slimlm.config.ImportanceConfig`, `PruneConfig`) or as keyword
+overrides of their defaults: ``prune("smollm2-135m", "out", hidden=384, ffn=1024, calib_samples=32)``.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,13 @@ import torch
 
 from ._io import check_writable_output
 from .adapters import get_adapter
-from .data import DEFAULT_CORPUS, check_source, pack_windows
+from .config import DEFAULT_CORPUS, ImportanceConfig, PruneConfig, route_overrides
+from .data import check_source, pack_windows
 from .errors import SlimlmError
 from .importance import IMPORTANCE_KINDS, Scores, estimate_importance, parse_aggregation
 from .models import load_config, load_model, load_tokenizer, resolve_model_path
-from .plan import Targets, make_plan, target_shape, validate_targets
+from .plan import make_plan, target_shape, validate_targets
 from .prune import checkpoint_shards, prune_checkpoint, provenance, save_pruned_model
-
-DEFAULT_CALIB_SAMPLES = 128
-DEFAULT_SEQ_LEN = 256
-DEFAULT_HELDOUT = 8
 
 
 def count_parameters(config) -> dict:
@@ -38,7 +39,11 @@ def count_parameters(config) -> dict:
 
 
 def info(model: str) -> dict:
-    """Architecture, shape and parameter counts of a model (no weights are loaded)."""
+    """Architecture, shape and parameter counts of a model (no weights are loaded).
+
+    `active_parameters` counts what one token uses (of the routed experts only the
+    top-k); it equals `parameters` for a dense model.
+    """
     config = load_config(model)
     adapter = get_adapter(config)
     shape = adapter.shape()
@@ -50,6 +55,7 @@ def info(model: str) -> dict:
         **shape.as_dict(),
         "parameters": params["total"],
         "parameters_without_embeddings": params["non_embedding"],
+        "active_parameters": adapter.param_count(shape, active=True),
     }
 
 
@@ -64,42 +70,40 @@ def calibration_windows(tokenizer, data, seq_len, calib_samples, heldout, seed, 
     return main.input_ids, (held.input_ids if held is not None else None)
 
 
-def add_block_losses(scores: Scores, net, tokenizer, ks, *, data=None, seq_len=DEFAULT_SEQ_LEN,
-                     calib_samples=DEFAULT_CALIB_SAMPLES, heldout=DEFAULT_HELDOUT, seed=0, text_field="text",
-                     batch_size=8, progress=True) -> list[int]:
+def add_block_losses(scores: Scores, net, tokenizer, ks, config: ImportanceConfig | None = None,
+                     progress: bool = True) -> list[int]:
     """Score every K-layer block for each K in `ks` that `scores` does not hold yet.
 
-    Uses the held-out windows of the pass that made the scores (from their metadata, the
-    arguments being the fallback), so block losses of different K compare.  Returns the
-    K values computed.
+    Uses the held-out windows of the pass that made the scores (from their metadata; `config`
+    is the fallback for what the metadata lacks), so block losses of different K compare.
+    Returns the K values computed.
     """
     from .importance import block_removal_losses
 
+    c = config or ImportanceConfig()
     need = sorted(set(ks) - {0} - set(scores.block_losses))
     if not need:
         return []
     m = scores.meta
     _, held = calibration_windows(
         tokenizer,
-        m.get("data", data),
-        m.get("seq_len") or seq_len,
-        m.get("calib_samples") or calib_samples,
-        m.get("heldout") or heldout,
-        m.get("seed", seed),
-        m.get("text_field", text_field),
+        m.get("data", c.data),
+        m.get("seq_len") or c.seq_len,
+        m.get("calib_samples") or c.calib_samples,
+        m.get("heldout") or c.heldout,
+        m.get("seed", c.seed),
+        m.get("text_field", c.text_field),
     )
     for k in need:
-        scores.block_losses[k] = block_removal_losses(net, held, k, batch_size, progress)
+        scores.block_losses[k] = block_removal_losses(net, held, k, c.batch_size, progress)
     return need
 
 
-def _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout):
-    if importance_kind not in IMPORTANCE_KINDS:
-        raise SlimlmError(f"unknown importance '{importance_kind}' (choose from {', '.join(IMPORTANCE_KINDS)})")
-    parse_aggregation(aggregation)
-    for name, value, low in (("calib-samples", calib_samples, 1), ("seq-len", seq_len, 2), ("batch-size", batch_size, 1), ("heldout", heldout, 0)):
-        if value < low:
-            raise SlimlmError(f"--{name} must be at least {low}, got {value}")
+def check_importance_config(c: ImportanceConfig) -> None:
+    """The checks of an importance config that its declaration cannot express."""
+    if c.kind not in IMPORTANCE_KINDS:
+        raise SlimlmError(f"unknown importance '{c.kind}' (choose from {', '.join(IMPORTANCE_KINDS)})")
+    parse_aggregation(c.aggregation)
 
 
 def _check_seq_len(config, seq_len):
@@ -111,61 +115,56 @@ def _check_seq_len(config, seq_len):
 def importance(
     model: str,
     output: str | Path | None = None,
+    config: ImportanceConfig | None = None,
     *,
-    data: str | None = None,
-    text_field: str = "text",
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    heldout: int = DEFAULT_HELDOUT,
-    batch_size: int = 8,
-    importance_kind: str = "activation",
-    aggregation: str = "mean,l2",
-    depth_loss: bool = True,
-    block_sizes: tuple[int, ...] = (),
-    seed: int = 0,
-    dtype: str = "auto",
-    device_map=None,
     overwrite: bool = False,
     progress: bool = True,
     loaded=None,
+    **overrides,
 ) -> Scores:
-    """Estimate importance scores for `model` and (optionally) save them to `output`."""
-    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
+    """Estimate importance scores for `model` and (optionally) save them to `output`.
+
+    `loaded` is the model already in memory (then `model` only names it); `depth_loss` None
+    (the default) measures the one-layer-out LM loss, as a standalone scores file may serve any
+    later pruning.
+    """
+    c = ImportanceConfig.make(config, **overrides)
+    check_importance_config(c)
     if output is not None:
         check_writable_output(output, overwrite)
-    config = load_config(model) if loaded is None else loaded.config
-    shape = get_adapter(config).shape()
-    for k in block_sizes:
+    net_config = load_config(model) if loaded is None else loaded.config
+    shape = get_adapter(net_config).shape()
+    for k in c.block_sizes:
         if not 0 < k < shape.layers:
             raise SlimlmError(f"--block-sizes {k}: can remove between 1 and {shape.layers - 1} layers")
-    needs_data = importance_kind == "activation"
+    needs_data = c.kind == "activation"
     if needs_data:
-        _check_seq_len(config, seq_len)
-        check_source(data, text_field)
-    net = loaded if loaded is not None else load_model(model, dtype=dtype, device_map=device_map or _default_device_map())
+        _check_seq_len(net_config, c.seq_len)
+        check_source(c.data, c.text_field)
+    net = loaded if loaded is not None else load_model(model, dtype=c.dtype, device_map=c.device_map or _default_device_map())
     windows = held = None
     if needs_data:
         tok = load_tokenizer(model)
-        windows, held = calibration_windows(tok, data, seq_len, calib_samples, heldout, seed, text_field)
+        windows, held = calibration_windows(tok, c.data, c.seq_len, c.calib_samples, c.heldout, c.seed, c.text_field)
     scores = estimate_importance(
         net,
         windows,
-        importance=importance_kind,
-        aggregation=aggregation,
+        importance=c.kind,
+        aggregation=c.aggregation,
         heldout=held,
-        depth_loss=depth_loss,
-        block_sizes=tuple(block_sizes),
-        batch_size=batch_size,
-        seed=seed,
+        depth_loss=True if c.depth_loss is None else c.depth_loss,
+        block_sizes=tuple(c.block_sizes),
+        batch_size=c.batch_size,
+        seed=c.seed,
         progress=progress,
         meta={
             "model": model,
-            "data": data or DEFAULT_CORPUS,
-            "text_field": text_field,
-            "calib_samples": calib_samples if needs_data else 0,
-            "heldout": heldout if needs_data else 0,
-            "seq_len": seq_len,
-            "seed": seed,
+            "data": c.data or DEFAULT_CORPUS,
+            "text_field": c.text_field,
+            "calib_samples": c.calib_samples if needs_data else 0,
+            "heldout": c.heldout if needs_data else 0,
+            "seq_len": c.seq_len,
+            "seed": c.seed,
         },
     )
     if output is not None:
@@ -183,124 +182,131 @@ def _source_dtype(config):
 def prune(
     model: str,
     output: str | Path,
+    config: PruneConfig | None = None,
+    importance_config: ImportanceConfig | None = None,
     *,
-    hidden: int | None = None,
-    ffn: int | None = None,
-    heads: int | None = None,
-    kv_heads: int | None = None,
-    layers: int | None = None,
-    drop_layers: str | None = None,
-    depth_metric: str = "block",
     scores: str | Path | Scores | None = None,
     save_scores: str | Path | None = None,
-    data: str | None = None,
-    text_field: str = "text",
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    heldout: int = DEFAULT_HELDOUT,
-    batch_size: int = 8,
-    importance_kind: str = "activation",
-    aggregation: str = "mean,l2",
-    seed: int = 0,
-    dtype: str = "auto",
-    device_map=None,
     overwrite: bool = False,
     progress: bool = True,
+    **overrides,
 ) -> dict:
-    """Prune `model` to the given sizes and write a standard checkpoint to `output`.
+    """Prune `model` to the sizes of `config` and write a standard checkpoint to `output`.
 
-    Returns a summary (plan, shapes, parameter counts, output path).  With `scores`
-    (a file or a Scores object) no forward pass runs, except for the contiguous-block
-    depth metric at a block size the scores do not hold yet.
+    Keyword overrides go to `config` (target sizes) or `importance_config` (calibration).
+    Returns a summary (plan, shapes, parameter counts, output path).  With `scores` (a file or
+    a Scores object) no forward pass runs, except for the contiguous-block depth metric at a
+    block size the scores do not hold yet.
     """
-    targets = Targets(hidden, ffn, heads, kv_heads, layers, drop_layers, depth_metric)
-    # -- validate everything before any work -------------------------------------------
-    _validate_common(importance_kind, aggregation, calib_samples, seq_len, batch_size, heldout)
-    out = check_writable_output(output, overwrite)
-    if save_scores is not None:
-        check_writable_output(save_scores, overwrite=True)
-    config = load_config(model)
-    adapter = get_adapter(config)
-    shape = adapter.shape()
-    validate_targets(targets, shape)
-    adapter.validate_shape(target_shape(targets, shape))
-    k_drop = shape.layers - layers if layers is not None else 0
-    need_block = k_drop > 0 and depth_metric == "block"
-    loaded_scores = None
-    if isinstance(scores, Scores):
-        loaded_scores = scores
-    elif scores is not None:
-        loaded_scores = Scores.load(scores)
-    if loaded_scores is not None:
-        loaded_scores.check_matches(shape)
-        if depth_metric in ("loss", "bi") and k_drop and loaded_scores.meta.get("importance", "activation") == "activation":
-            loaded_scores.depth(depth_metric)  # errors now if missing
-    block_missing = (
-        need_block
-        and (loaded_scores is None or (loaded_scores.meta.get("importance", "activation") == "activation" and k_drop not in loaded_scores.block_losses))
-        and importance_kind == "activation"
-    )
-    needs_forward = (loaded_scores is None and importance_kind == "activation") or block_missing
-    if needs_forward:
-        _check_seq_len(config, seq_len)
-        check_source(data, text_field)
-        if heldout < 1 and (need_block or (k_drop and depth_metric == "loss")):
-            raise SlimlmError(f"depth pruning by '{depth_metric}' needs held-out windows: --heldout must be at least 1")
+    made = route_overrides(overrides, targets=(PruneConfig, config), calib=(ImportanceConfig, importance_config))
+    targets, calib = made["targets"], made["calib"]
+    job = _PruneJob(model, output, targets, calib, scores, save_scores, overwrite, progress)
+    loaded_scores = job.scores()
+    return job.write(loaded_scores)
 
-    # -- importance ---------------------------------------------------------------------
-    net = None
-    if loaded_scores is None:
-        net = load_model(model, dtype=dtype, device_map=device_map or _default_device_map())
-        loaded_scores = importance(
-            model,
-            data=data,
-            text_field=text_field,
-            calib_samples=calib_samples,
-            seq_len=seq_len,
-            heldout=heldout,
-            batch_size=batch_size,
-            importance_kind=importance_kind,
-            aggregation=aggregation,
-            depth_loss=bool(k_drop) and depth_metric == "loss",
-            block_sizes=(k_drop,) if need_block else (),
-            seed=seed,
-            progress=progress,
-            loaded=net,
-        )
-    elif block_missing:
-        net = load_model(model, dtype=dtype, device_map=device_map or _default_device_map())
-        add_block_losses(loaded_scores, net, load_tokenizer(model), [k_drop], data=data, seq_len=seq_len,
-                         calib_samples=calib_samples, heldout=heldout, seed=seed, text_field=text_field,
-                         batch_size=batch_size, progress=progress)
-    if save_scores is not None:
-        loaded_scores.save(save_scores)
 
-    # -- plan and slicing ------------------------------------------------------------------
-    plan = make_plan(loaded_scores, shape, targets)
-    prov = provenance(plan, model, loaded_scores.meta, {k: v for k, v in asdict(targets).items() if v is not None})
-    source_dir = resolve_model_path(model)
-    local = Path(source_dir).is_dir()
-    # A local safetensors checkpoint is sliced from disk, shard by shard, even when the
-    # model is loaded: host memory stays near one shard, and offloaded weights are fine.
-    if local and checkpoint_shards(source_dir):
-        del net
-        prune_checkpoint(source_dir, plan, out, prov)
-        how = "shard by shard"
-    else:
-        if net is None:
-            net = load_model(model, dtype=dtype, device_map=device_map or _default_device_map())
-        tok = None if local else load_tokenizer(model)
-        save_pruned_model(net, plan, out, source_dir if local else None, prov, dtype=_source_dtype(config), tokenizer=tok)
-        how = "in memory"
-    new_shape = plan.target_shape
-    return {
-        "output": str(out),
-        "source": model,
-        "source_shape": shape.as_dict(),
-        "shape": new_shape.as_dict(),
-        "parameters_before": adapter.param_count(shape),
-        "parameters_after": adapter.param_count(new_shape),
-        "kept_layers": plan.kept_layers,
-        "importance": loaded_scores.meta.get("importance"),
-        "sliced": how,
-    }
+class _PruneJob:
+    """The steps of `prune`: every check first, then the scores, then the slicing."""
+
+    def __init__(self, model, output, targets: PruneConfig, calib: ImportanceConfig, scores, save_scores,
+                 overwrite: bool, progress: bool):
+        check_importance_config(calib)
+        self.model, self.targets, self.calib, self.progress = model, targets, calib, progress
+        self.out = check_writable_output(output, overwrite)
+        self.save_scores = save_scores
+        if save_scores is not None:
+            check_writable_output(save_scores, overwrite=True)
+        self.config = load_config(model)
+        self.adapter = get_adapter(self.config)
+        self.shape = self.adapter.shape()
+        validate_targets(targets, self.shape)
+        self.adapter.validate_shape(target_shape(targets, self.shape))
+        self.k_drop = self.shape.layers - targets.layers if targets.layers is not None else 0
+        self.given = scores if isinstance(scores, Scores) else (Scores.load(scores) if scores is not None else None)
+        kind = targets.expert_importance
+        if kind in ("reap", "frequency") and self.shape.experts:
+            if self.given is not None:
+                self.given.expert_scores(kind)  # errors now if missing
+            elif calib.kind != "activation":
+                raise SlimlmError(f"--expert-importance {kind} needs --importance activation")
+        if self.given is not None:
+            self.given.check_matches(self.shape)
+            if targets.depth_metric in ("loss", "bi") and self.k_drop and self._activation(self.given):
+                self.given.depth(targets.depth_metric)  # errors now if missing
+        if self._needs_forward():
+            _check_seq_len(self.config, calib.seq_len)
+            check_source(calib.data, calib.text_field)
+            if calib.heldout < 1 and self.k_drop and targets.depth_metric in ("block", "loss"):
+                raise SlimlmError(
+                    f"depth pruning by '{targets.depth_metric}' needs held-out windows: --heldout must be at least 1")
+        self.net = None
+
+    @staticmethod
+    def _activation(scores: Scores) -> bool:
+        return scores.meta.get("importance", "activation") == "activation"
+
+    def _block_missing(self) -> bool:
+        need_block = self.k_drop > 0 and self.targets.depth_metric == "block"
+        given = self.given
+        return (need_block and self.calib.kind == "activation"
+                and (given is None or (self._activation(given) and self.k_drop not in given.block_losses)))
+
+    def _needs_forward(self) -> bool:
+        return (self.given is None and self.calib.kind == "activation") or self._block_missing()
+
+    def _load(self):
+        if self.net is None:
+            self.net = load_model(self.model, dtype=self.calib.dtype,
+                                  device_map=self.calib.device_map or _default_device_map())
+        return self.net
+
+    def scores(self) -> Scores:
+        """The given scores (with any missing block losses added), or a new importance pass."""
+        t, c = self.targets, self.calib
+        if self.given is None:
+            depth_loss = c.depth_loss if c.depth_loss is not None else (bool(self.k_drop) and t.depth_metric == "loss")
+            need_block = self.k_drop > 0 and t.depth_metric == "block"
+            scores = importance(self.model, config=c, depth_loss=depth_loss,
+                                block_sizes=(self.k_drop,) if need_block else (), progress=self.progress,
+                                loaded=self._load())
+        else:
+            scores = self.given
+            if self._block_missing():
+                add_block_losses(scores, self._load(), load_tokenizer(self.model), [self.k_drop], c, self.progress)
+        if self.save_scores is not None:
+            scores.save(self.save_scores)
+        return scores
+
+    def write(self, scores: Scores) -> dict:
+        """Plan from the scores and slice: a local safetensors checkpoint shard by shard, else in memory."""
+        plan = make_plan(scores, self.shape, self.targets)
+        self.adapter.validate_shape(plan.target_shape)  # the kept layer pattern is known only now (hybrids)
+        targets = {k: v for k, v in asdict(self.targets).items() if v is not None}
+        prov = provenance(plan, self.model, scores.meta, targets)
+        source_dir = resolve_model_path(self.model)
+        local = Path(source_dir).is_dir()
+        # A local safetensors checkpoint is sliced from disk, shard by shard, even when the
+        # model is loaded: host memory stays near one shard, and offloaded weights are fine.
+        if local and checkpoint_shards(source_dir):
+            self.net = None
+            prune_checkpoint(source_dir, plan, self.out, prov)
+            how = "shard by shard"
+        else:
+            tok = None if local else load_tokenizer(self.model)
+            save_pruned_model(self._load(), plan, self.out, source_dir if local else None, prov,
+                              dtype=_source_dtype(self.config), tokenizer=tok)
+            how = "in memory"
+        new_shape = plan.target_shape
+        return {
+            "output": str(self.out),
+            "source": self.model,
+            "source_shape": self.shape.as_dict(),
+            "shape": new_shape.as_dict(),
+            "parameters_before": self.adapter.param_count(self.shape),
+            "parameters_after": self.adapter.param_count(new_shape),
+            "active_parameters_before": self.adapter.param_count(self.shape, active=True),
+            "active_parameters_after": self.adapter.param_count(new_shape, active=True),
+            "kept_layers": plan.kept_layers,
+            "importance": scores.meta.get("importance"),
+            "sliced": how,
+        }

@@ -306,3 +306,16 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, stri
         return None
     atomic_write_text(readme, text)
     return readme
+
+
+def refresh_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """What `slimlm card` runs: (re)write the model card of a checkpoint folder slimlm wrote."""
+    from .errors import SlimlmError
+
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise SlimlmError(f"{path} is not a model folder (no config.json)")
+    written = write_model_card(path, repo_id, strict=True)
+    if written is None:
+        raise SlimlmError(f"{path / 'README.md'} was not written by slimlm; not replacing it")
+    return written

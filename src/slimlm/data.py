@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .config import DEFAULT_CORPUS
 from .errors import SlimlmError
 
-DEFAULT_CORPUS = "builtin:python-docs"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 TABLE_SUFFIXES = {".parquet", ".csv", ".arrow"}

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ._cli import JsonOut, emit_json
 from .errors import SlimlmError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -84,11 +85,9 @@ def register(app: typer.Typer) -> None:
         repo_id: str = typer.Argument(..., help="The hub repository: USER/NAME or ORG/NAME (created if needed)."),
         private: bool = typer.Option(False, "--private", help="Create the repository as private."),
         no_card: bool = typer.Option(False, "--no-card", help="Do not refresh README.md before uploading."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+        as_json: JsonOut = False,
     ):
         """Upload a checkpoint to the Hugging Face Hub, with its model card (run state stays local)."""
-        from .cli import emit_json
-
         result = push(folder, repo_id, private=private, card=not no_card)
         print(f"pushed {folder} to {result['url']}")
         if as_json:
@@ -98,18 +97,12 @@ def register(app: typer.Typer) -> None:
     def card_cmd(
         folder: str = typer.Argument(..., help="A checkpoint folder written by slimlm."),
         repo_id: Optional[str] = typer.Option(None, "--repo-id", help="The hub name to show in the usage example."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+        as_json: JsonOut = False,
     ):
         """Write or refresh the model card (README.md), e.g. after `slimlm eval` saved results."""
-        from .card import write_model_card
-        from .cli import emit_json
+        from .card import refresh_card
 
-        path = Path(folder).expanduser()
-        if not (path / "config.json").is_file():
-            raise SlimlmError(f"{path} is not a model folder (no config.json)")
-        written = write_model_card(path, repo_id, strict=True)
-        if written is None:
-            raise SlimlmError(f"{path / 'README.md'} was not written by slimlm; not replacing it")
+        written = refresh_card(folder, repo_id)
         print(f"model card written to {written}")
         if as_json:
             emit_json({"card": str(written)})

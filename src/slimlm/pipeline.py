@@ -2,23 +2,29 @@
 
     teacher correction (optional) -> importance -> prune | search -> distill -> align (optional) -> eval -> report
 
-Every stage writes into one run folder and records itself in ``stages.json`` with a
-fingerprint of its settings.  Rerunning skips finished stages whose settings did not
-change; `from_stage` redoes that stage and everything after it.
+The pipeline is the table `STAGES`: each stage has a name, the recipe settings that form its
+fingerprint, and a function of (recipe, run folder).  `run` walks the table.  Every stage writes
+into the one run folder and records itself in ``stages.json`` with its fingerprint, which also
+covers every stage before it; rerunning skips finished stages whose settings did not change, and
+`from_stage` redoes that stage and everything after it.  Evaluation results go to the models
+they describe (``pruned/eval.json``, ``student/eval.json``, ... and their model cards; the
+teacher's to ``eval/teacher/``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ._io import atomic_write_json, atomic_write_text
+from .config import DistillConfig, flag_of
 from .errors import SlimlmError
-
-STAGES = ("correct", "importance", "prune", "distill", "align", "eval", "report")
+from .recipe import Recipe, load_recipe
 
 
 def _fingerprint(*parts) -> str:
@@ -41,296 +47,338 @@ class RunState:
         atomic_write_json(self.path, self.done)
 
     def forget_from(self, stage: str) -> None:
-        for s in STAGES[STAGES.index(stage) :]:
+        names = [s.name for s in STAGES]
+        for s in names[names.index(stage):]:
             self.done.pop(s, None)
         atomic_write_json(self.path, self.done)
 
 
-def stage_settings(r: dict) -> dict:
-    """The settings each stage depends on (its own and everything upstream)."""
-    common = {k: r[k] for k in ("teacher", "data", "text_field", "seed", "dtype")}
-    s = {"correct": [common, r["correct_teacher"]]}
-    s["importance"] = s["correct"] + [r["importance"], r["prune"].get("layers"), r["prune"].get("depth_metric")]
-    s["prune"] = s["importance"] + [r["mode"], r["prune"] if r["mode"] == "prune" else r["search"], r["distill"] if r["mode"] == "search" else None]
-    s["distill"] = s["prune"] + [r["distill"]]
-    s["align"] = s["distill"] + [r["align"]]
-    s["eval"] = s["align"] + [r["eval"]]
-    s["report"] = s["eval"] + [r["report"]]
-    return {k: _fingerprint(v) for k, v in s.items()}
+class RunFolder:
+    """The run folder and what the stages share: paths, the log, the teacher loaded once."""
+
+    def __init__(self, root: Path, recipe: Recipe, progress: bool):
+        self.root, self.recipe, self.progress = root, recipe, progress
+        self.teacher = recipe.teacher  # the corrected teacher replaces it after the correct stage
+        self.scores = root / "scores.safetensors"
+        self.corrected, self.pruned = root / "teacher-corrected", root / "pruned"
+        self.student, self.aligned = root / "student", root / "aligned"
+        self._teacher_model = None
+        self._log = root / "run.log"
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self._log, "a") as f:
+            f.write(line + "\n")
+
+    def teacher_model(self):
+        """The teacher in memory (loaded on first use, shared by importance, search and distill)."""
+        if self._teacher_model is None:
+            from .models import load_model
+
+            self._teacher_model = load_model(self.teacher, dtype=self.recipe.run.dtype)
+        return self._teacher_model
+
+    def release_teacher(self) -> None:
+        self._teacher_model = None
 
 
-def validate_recipe_inputs(r: dict) -> None:
-    """Checks that need the teacher's config or data; still before any heavy work."""
+# ---- the stages -----------------------------------------------------------------------------------
+
+
+def correct_stage(r: Recipe, run: RunFolder) -> dict:
+    c = r.correct_teacher
+    run.log(f"stage correct: LM-loss fine-tuning of the teacher on {c.tokens:,} tokens")
+    res = train(r, "correct", None, run.teacher, run.corrected, c, progress=run.progress)
+    return {"metrics": res.metrics}
+
+
+def importance_stage(r: Recipe, run: RunFolder) -> dict:
+    from . import api
+    from .adapters import get_adapter
+
+    model = run.teacher_model()
+    layers = get_adapter(model).shape().layers
+    k = layers - r.prune.layers if r.mode == "prune" and r.prune.layers else 0
+    blocks = (k,) if k and r.prune.depth_metric == "block" else ()
+    depth_loss = r.importance.depth_loss if r.importance.depth_loss is not None else (
+        bool(k) and r.prune.depth_metric == "loss")
+    run.log("stage importance: one hooked forward pass over the calibration windows")
+    scores = api.importance(run.teacher, run.scores, r.importance, depth_loss=depth_loss, block_sizes=blocks,
+                            overwrite=True, progress=run.progress, loaded=model)
+    return {"depth_metrics": sorted(scores.depth_scores)}
+
+
+def prune_stage(r: Recipe, run: RunFolder) -> dict:
+    from . import api
+
+    if r.mode == "prune":
+        run.log("stage prune")
+        summary = api.prune(run.teacher, run.pruned, r.prune, r.importance, scores=run.scores, overwrite=True,
+                            progress=run.progress)
+    else:
+        summary = _search_and_prune(r, run)
+    return {"shape": summary.get("shape"), "parameters_after": summary.get("parameters_after")}
+
+
+def _search_and_prune(r: Recipe, run: RunFolder) -> dict:
+    from . import api
+    from .config import PruneConfig
+    from .search import search
+
+    s = r.search
+    run.log(f"stage search: successive halving over {s.search_budget:,} distillation tokens")
+    # A search folder left by a recipe with other settings is cleared; one with the same settings is continued.
+    result = search(run.teacher, run.root / "search", s, r.distill, r.importance, scores=run.scores,
+                    loaded=run.teacher_model(), progress=run.progress, overwrite=True)
+    best = result["winner"]
+    targets = PruneConfig(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
+    return api.prune(run.teacher, run.pruned, targets, r.importance, scores=run.scores, overwrite=True,
+                     progress=run.progress)
+
+
+def distill_stage(r: Recipe, run: RunFolder) -> dict:
+    d = r.distill
+    run.log(f"stage distill: {d.tokens:,} tokens of forward-KL distillation")
+    teacher = run._teacher_model if run._teacher_model is not None else run.teacher
+    res = train(r, "distill", teacher, str(run.pruned), run.student, d, progress=run.progress)
+    run.release_teacher()
+    return {"metrics": res.metrics, "tokens": res.tokens}
+
+
+def align_stage(r: Recipe, run: RunFolder) -> dict:
+    from .align import align
+    from .align.trainer import resumable
+
+    a = r.align
+    run.log(f"stage align: SFT on {a.sft}" + (f", then DPO on {a.prefs}" if a.prefs else ""))
+    can_resume = resumable(run.aligned)
+    res = align(str(run.student), out=run.aligned, config=a, chat_template_from=run.teacher, resume=can_resume,
+                overwrite=not can_resume, progress=run.progress)
+    return {"stages": res.stages}
+
+
+def eval_stage(r: Recipe, run: RunFolder) -> dict:
+    from .card import write_model_card
+    from .evaluate import evaluate, save_results
+
+    roles = _eval_roles(r, run)
+    run.log("stage eval: " + ", ".join(name for name, _, _ in roles) + ", measured the same way")
+    import shutil
+
+    shutil.rmtree(run.root / "eval", ignore_errors=True)  # results of an earlier layout or of a stage now gone
+    for name, spec, folder in roles:
+        result = evaluate(spec, config=r.eval, save=False, progress=run.progress)
+        result["role"] = name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_results(result, folder)
+        if (folder / "slimlm.json").exists():
+            write_model_card(folder)  # the card shows what was just measured
+    return {}
+
+
+def _eval_roles(r: Recipe, run: RunFolder) -> list[tuple[str, str, Path]]:
+    """(role, model, folder for its eval.json): the teacher's results go to eval/teacher, not its own folder."""
+    roles = [("teacher", run.teacher, run.root / "eval" / "teacher"), ("pruned", str(run.pruned), run.pruned),
+             ("student", str(run.student), run.student)]
+    if r.aligns:
+        roles.append(("aligned", str(run.aligned), run.aligned))
+    return roles
+
+
+def report_stage(r: Recipe, run: RunFolder) -> dict:
+    from .evaluate.report import write_report
+
+    run.log("stage report")
+    write_report(run.root, run.root / "report")
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of `slimlm run`: `inputs(recipe)` are the settings its fingerprint covers."""
+
+    name: str
+    inputs: Callable[[Recipe], object]
+    run: Callable[[Recipe, RunFolder], dict]
+    enabled: Callable[[Recipe], bool] = lambda r: True
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("correct", lambda r: r.correct_teacher.as_dict(), correct_stage, lambda r: r.corrects_teacher),
+    Stage("importance", lambda r: [r.importance.as_dict(), r.prune.layers, r.prune.depth_metric], importance_stage),
+    Stage("prune", lambda r: [r.mode, r.prune.as_dict() if r.mode == "prune" else [r.search.as_dict(),
+                                                                                     r.distill.as_dict()]], prune_stage),
+    Stage("distill", lambda r: r.distill.as_dict(), distill_stage),
+    Stage("align", lambda r: r.align.as_dict(), align_stage, lambda r: r.aligns),
+    Stage("eval", lambda r: r.eval.as_dict(), eval_stage),
+    Stage("report", lambda r: r.report.as_dict(), report_stage, lambda r: r.report.enabled),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def fingerprints(r: Recipe) -> dict[str, str]:
+    """Each stage's fingerprint: its own settings, the shared ones and every earlier stage's."""
+    fps, previous = {}, _fingerprint(r.run.as_dict())
+    for stage in STAGES:
+        previous = fps[stage.name] = _fingerprint(previous, stage.enabled(r), stage.inputs(r))
+    return fps
+
+
+def validate_recipe_inputs(r: Recipe) -> None:
+    """Checks that need the teacher's config or data; still before any heavy work or any output."""
     from .adapters import get_adapter
     from .data import check_source
     from .models import load_config
-    from .plan import Targets, target_shape, validate_targets
+    from .plan import target_shape, validate_targets
 
-    config = load_config(r["teacher"])
+    config = load_config(r.teacher)
     adapter = get_adapter(config)
     shape = adapter.shape()
-    check_source(r["data"], r["text_field"])
-    if r["mode"] == "prune":
-        p = r["prune"]
-        t = Targets(p["hidden"], p["ffn"], p["heads"], p["kv_heads"], p["layers"], p["drop_layers"], p["depth_metric"])
-        validate_targets(t, shape)
-        adapter.validate_shape(target_shape(t, shape))
+    check_source(r.run.data, r.run.text_field)
+    if r.mode == "prune":
+        validate_targets(r.prune, shape)
+        adapter.validate_shape(target_shape(r.prune, shape))
     limit = getattr(config, "max_position_embeddings", None)
-    if r["align"]["sft"]:
+    if r.aligns:
         from .chat import read_conversations, read_preferences, template_text
         from .models import load_tokenizer
 
-        read_conversations(r["align"]["sft"])
-        if r["align"]["prefs"]:
-            read_preferences(r["align"]["prefs"])
-        if template_text(load_tokenizer(r["teacher"])) is None:
+        read_conversations(r.align.sft)
+        if r.align.prefs:
+            read_preferences(r.align.prefs)
+        if template_text(load_tokenizer(r.teacher)) is None:
             raise SlimlmError("the align stage needs a chat template, and the teacher has none")
-    for section in ("importance", "distill", "correct_teacher", "eval", "align"):
-        if limit and r[section].get("seq_len") and r[section]["seq_len"] > limit:
-            raise SlimlmError(f"{section}.seq_len {r[section]['seq_len']} is past the teacher's limit of {limit} positions")
-    if r["eval"]["ppl"] is not None:
-        check_source(r["eval"]["ppl"], r["text_field"])
+    sections = ["importance", "distill", "eval"] + (["correct_teacher"] if r.corrects_teacher else []) + (
+        ["align"] if r.aligns else [])
+    for section in sections:
+        seq_len = getattr(r, section).seq_len
+        if limit and seq_len and seq_len > limit:
+            raise SlimlmError(f"{section}.seq_len {seq_len} is past the teacher's limit of {limit} positions")
+    if r.eval.ppl is not None:
+        check_source(r.eval.ppl, r.eval.text_field)
 
 
-def run(recipe: dict, recipe_text: str, out: str | Path, *, from_stage: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume) a recipe into the run folder `out`; returns the before/after summary."""
-    from .models import load_tokenizer
-
-    if from_stage is not None and from_stage not in STAGES:
-        raise SlimlmError(f"--from expects one of {', '.join(STAGES)}, got '{from_stage}'")
-    root = Path(out).expanduser()
+def run(recipe: str | Path | Recipe | None = None, out: str | Path | None = None, *, from_stage: str | None = None,
+        progress: bool = True) -> dict:
+    """Run (or resume) a recipe (a YAML path, a `Recipe`, or None for the embedded default) into the run folder
+    `out` (default runs/<recipe name>); returns the before/after summary."""
+    if isinstance(recipe, Recipe):
+        r, text, stem = recipe, None, "recipe"
+    else:
+        r, text = load_recipe(recipe)
+        stem = Path(recipe).stem if recipe is not None else "default"
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise SlimlmError(f"--from expects one of {', '.join(STAGE_NAMES)}, got '{from_stage}'")
+    validate_recipe_inputs(r)
+    root = Path(out if out is not None else Path("runs") / stem).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    validate_recipe_inputs(recipe)
-    atomic_write_text(root / "recipe.yaml", recipe_text)
-    atomic_write_json(root / "recipe.resolved.json", recipe)
+    if text is not None:
+        atomic_write_text(root / "recipe.yaml", text)
+    atomic_write_json(root / "recipe.resolved.json", r.to_dict())
     state = RunState(root)
     if from_stage:
         state.forget_from(from_stage)
-    fps = stage_settings(recipe)
-    # A changed stage invalidates everything after it.
-    for i, stage in enumerate(STAGES):
-        if stage in state.done and not state.finished(stage, fps[stage]):
-            state.forget_from(stage)
+    fps = fingerprints(r)
+    for stage in STAGES:  # a changed stage invalidates everything after it
+        if stage.name in state.done and not state.finished(stage.name, fps[stage.name]):
+            state.forget_from(stage.name)
             break
-    r = recipe
-    teacher = r["teacher"]
-    tokenizer = load_tokenizer(teacher)
-    log = _Log(root)
-
-    # 1. teacher correction ------------------------------------------------------------
-    corrected = root / "teacher-corrected"
-    if r["correct_teacher"]["tokens"] > 0:
-        if not state.finished("correct", fps["correct"]):
-            c = r["correct_teacher"]
-            log(f"stage correct: LM-loss fine-tuning of the teacher on {c['tokens']:,} tokens")
-            res = _train(r, None, teacher, r["data"], out=corrected, tokens=c["tokens"], seq_len=c["seq_len"],
-                         micro_batch=c["micro_batch"], global_batch=c["global_batch"], lr=c["lr"], min_lr=c["lr"] / 10,
-                         warmup=c["warmup"], seed=r["seed"], mode="lm", dtype=r["dtype"], text_field=r["text_field"],
-                         overwrite=True, progress=progress)
-            state.mark("correct", fps["correct"], {"metrics": res.metrics})
-        teacher = str(corrected)
-    else:
-        state.mark("correct", fps["correct"], {"skipped": True}) if not state.finished("correct", fps["correct"]) else None
-
-    # 2. importance ---------------------------------------------------------------------
-    from . import api
-    from .adapters import get_adapter
-    from .models import load_model
-
-    scores_path = root / "scores.safetensors"
-    teacher_model = None
-    if not state.finished("importance", fps["importance"]):
-        imp = r["importance"]
-        teacher_model = load_model(teacher, dtype=r["dtype"])
-        shape = get_adapter(teacher_model).shape()
-        k = shape.layers - r["prune"]["layers"] if r["mode"] == "prune" and r["prune"]["layers"] else 0
-        blocks = (k,) if k and r["prune"]["depth_metric"] == "block" else ()
-        log("stage importance: one hooked forward pass over the calibration windows")
-        scores = api.importance(teacher, scores_path, data=r["data"], text_field=r["text_field"],
-                                calib_samples=imp["calib_samples"], seq_len=imp["seq_len"], heldout=imp["heldout"],
-                                batch_size=imp["batch_size"], importance_kind=imp["kind"], aggregation=imp["aggregation"],
-                                depth_loss=imp["depth_loss"] or (bool(k) and r["prune"]["depth_metric"] == "loss"),
-                                block_sizes=blocks, seed=r["seed"], overwrite=True, progress=progress, loaded=teacher_model)
-        state.mark("importance", fps["importance"], {"depth_metrics": sorted(scores.depth_scores)})
-
-    # 3. prune or search ------------------------------------------------------------------
-    pruned = root / "pruned"
-    if not state.finished("prune", fps["prune"]):
-        if r["mode"] == "prune":
-            p = r["prune"]
-            log("stage prune")
-            summary = api.prune(teacher, pruned, scores=scores_path, data=r["data"], text_field=r["text_field"],
-                                hidden=p["hidden"], ffn=p["ffn"], heads=p["heads"], kv_heads=p["kv_heads"],
-                                layers=p["layers"], drop_layers=p["drop_layers"], depth_metric=p["depth_metric"],
-                                seed=r["seed"], dtype=r["dtype"], overwrite=True, progress=progress)
-        else:
-            summary = _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, pruned, log, progress)
-        state.mark("prune", fps["prune"], {"shape": summary.get("shape"), "parameters_after": summary.get("parameters_after")})
-
-    # 4. distill ----------------------------------------------------------------------------
-    student = root / "student"
-    if not state.finished("distill", fps["distill"]):
-        d = r["distill"]
-        ckpts = student / "run" / "checkpoints"
-        can_resume = ckpts.is_dir() and any(ckpts.iterdir())  # an interrupted distillation continues
-        log(f"stage distill: {d['tokens']:,} tokens of forward-KL distillation")
-        res = _train(r, teacher_model if teacher_model is not None else teacher, str(pruned), r["data"], out=student,
-                      tokens=d["tokens"], seq_len=d["seq_len"], micro_batch=d["micro_batch"], global_batch=d["global_batch"],
-                      lr=d["lr"], min_lr=d["min_lr"], warmup=d["warmup"], loss=d["loss"], temperature=d["temperature"],
-                      ce_weight=d["ce_weight"], hidden_loss=d["hidden_loss"], eval_every=d["eval_every"],
-                      save_every=d["save_every"], heldout=d["heldout"], seed=r["seed"], dtype=r["dtype"],
-                      text_field=r["text_field"], resume=can_resume, overwrite=not can_resume, progress=progress)
-        state.mark("distill", fps["distill"], {"metrics": res.metrics, "tokens": res.tokens})
-    del teacher_model
-
-    # 5. align (optional) -----------------------------------------------------------------------
-    aligned = root / "aligned"
-    if r["align"]["sft"] and not state.finished("align", fps["align"]):
-        from .align import align
-        from .align.trainer import _last_checkpoint
-
-        a = r["align"]
-        can_resume = not (aligned / "slimlm.json").exists() and (
-            (aligned / "run" / "sft" / "done.json").exists() or _last_checkpoint(aligned / "run" / "sft") is not None)
-        log(f"stage align: SFT on {a['sft']}" + (f", then DPO on {a['prefs']}" if a["prefs"] else ""))
-        res = align(str(student), a["sft"], aligned, a["prefs"], tokens=a["tokens"], seq_len=a["seq_len"],
-                    micro_batch=a["micro_batch"], global_batch=a["global_batch"], lr=a["lr"], beta=a["beta"],
-                    seed=r["seed"], dtype=r["dtype"], chat_template_from=teacher, resume=can_resume,
-                    overwrite=not can_resume, progress=progress)
-        state.mark("align", fps["align"], {"stages": res.stages})
-
-    # 6. eval -------------------------------------------------------------------------------
-    if not state.finished("eval", fps["eval"]):
-        from .evaluate import evaluate, save_results
-
-        e = r["eval"]
-        log("stage eval: teacher, pruned (zero-shot) and distilled student" + (" and aligned student" if r["align"]["sft"] else "")
-            + ", measured the same way")
-        roles = [("teacher", teacher), ("pruned", str(pruned)), ("student", str(student))]
-        if r["align"]["sft"]:
-            roles.append(("aligned", str(aligned)))
-        else:  # results of an align stage the recipe no longer has
-            import shutil
-
-            shutil.rmtree(root / "eval" / "aligned", ignore_errors=True)
-        for name, spec in roles:
-            result = evaluate(spec, ppl=e["ppl"], seq_len=e["seq_len"], max_tokens=e["ppl_tokens"], text_field=r["text_field"],
-                              tasks=e["tasks"], task_data=e["task_data"], limit=e["limit"], speed=e["speed"],
-                              prompt_len=e["prompt_len"], new_tokens=e["new_tokens"], dtype=r["dtype"], progress=progress)
-            result["role"] = name
-            (root / "eval" / name).mkdir(parents=True, exist_ok=True)
-            save_results(result, root / "eval" / name)
-        state.mark("eval", fps["eval"], {})
-
-    # 7. report -----------------------------------------------------------------------------
-    report = None
-    if r["report"]["enabled"]:
-        if not state.finished("report", fps["report"]):
-            from .evaluate.report import write_report
-
-            log("stage report")
-            write_report(root, root / "report")
-            state.mark("report", fps["report"], {})
-        report = str(root / "report" / "report.html")
-    return summarize(root, report)
+    folder = RunFolder(root, r, progress)
+    for stage in STAGES:
+        if stage.enabled(r):
+            if not state.finished(stage.name, fps[stage.name]):
+                state.mark(stage.name, fps[stage.name], stage.run(r, folder))
+        elif not state.finished(stage.name, fps[stage.name]):
+            state.mark(stage.name, fps[stage.name], {"skipped": True})
+        if stage.name == "correct" and r.corrects_teacher:
+            folder.teacher = str(folder.corrected)
+    report = str(root / "report" / "report.html") if r.report.enabled else None
+    return summarize(root, r, report)
 
 
-def launch_command(config_file: str, teacher, student: str, data, out, **kw) -> list[str]:
-    """The `accelerate launch ... -m slimlm distill` command line for a distill() call."""
-    cmd = ["accelerate", "launch", "--config_file", str(config_file), "-m", "slimlm", "distill"]
-    if teacher is not None:
-        cmd += ["--teacher", str(teacher)]
-    cmd += ["--student", str(student), "--out", str(out), "--quiet"]
-    if isinstance(data, dict):  # a weighted mixture
-        for source in data:
-            cmd += ["--data", str(source)]
-        cmd += ["--data-weights", ",".join(str(w) for w in data.values())]
-    elif data is not None:
-        for source in [data] if isinstance(data, (str, os.PathLike)) else data:
-            cmd += ["--data", str(source)]
-    for key, value in kw.items():
-        if key == "progress" or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        cmd += [flag] if value is True else [flag, str(value)]
-    return cmd
-
-
-def _train(r: dict, teacher, student, data, *, out, **kw):
-    """distill() in this process, or under `accelerate launch` when the recipe names an
-    Accelerate config and this machine has several GPUs (FSDP2 / ZeRO-3 need one process
-    per GPU; the other stages run once, here)."""
-    import torch
-
-    from .distill import DistillResult, distill
-
-    config = r.get("accelerate_config")
-    if not (config and torch.cuda.device_count() > 1):
-        return distill(teacher, student, data, out=out, **kw)
-    import subprocess
-
-    if not isinstance(teacher, (str, type(None))):
-        teacher = r["teacher"] if not (Path(out).parent / "teacher-corrected").exists() else str(Path(out).parent / "teacher-corrected")
-    cmd = launch_command(config, teacher, student, data, out, **kw)
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    prov = json.loads((Path(out) / "slimlm.json").read_text())
-    return DistillResult(out=str(out), mode=kw.get("mode", "kd"), steps=prov.get("steps", 0), tokens=prov.get("tokens", 0),
-                         complete=True, metrics=prov.get("final_metrics") or {})
-
-
-def _search_stage(r, teacher, teacher_model, tokenizer, scores_path, root, pruned, log, progress) -> dict:
-    from . import api
-    from .adapters import get_adapter
-    from .importance import Scores
-    from .models import load_model
-    from .search import enumerate_candidates, search
-
-    s, d = r["search"], r["distill"]
-    model = teacher_model if teacher_model is not None else load_model(teacher, dtype=r["dtype"])
-    cands = enumerate_candidates(get_adapter(model), int(s["target_params"]), tolerance=s["tolerance"],
-                                 max_width_prune=s["max_width_prune"], max_depth_prune=s["max_depth_prune"],
-                                 hidden_step=s["hidden_step"], ffn_step=s["ffn_step"], max_candidates=s["max_candidates"],
-                                 prune_heads=s["prune_heads"])
-    log(f"stage search: {len(cands)} candidates, {s['search_tokens']:,} distillation tokens each")
-    kwargs = dict(seq_len=d["seq_len"], micro_batch=d["micro_batch"], global_batch=d["global_batch"], lr=d["lr"],
-                  min_lr=d["min_lr"], warmup=d["warmup"], loss=d["loss"], seed=r["seed"], dtype=r["dtype"],
-                  text_field=r["text_field"], heldout=d["heldout"])
-    results, _ = search(model, tokenizer, Scores.load(scores_path), scores_path, cands, root / "search", data=r["data"],
-                        search_tokens=s["search_tokens"], distill_kwargs=kwargs,
-                        calibration=dict(seed=r["seed"], text_field=r["text_field"]), progress=progress)
-    best = results[0]
-    return api.prune(teacher, pruned, scores=scores_path, hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"],
-                     layers=best["layers"], depth_metric="block", seed=r["seed"], dtype=r["dtype"], overwrite=True,
-                     progress=progress, data=r["data"], text_field=r["text_field"])
-
-
-def summarize(root: Path, report: str | None) -> dict:
-    """The before/after rows (teacher, pruned, student) from the run's eval results."""
+def summarize(root: Path, r: Recipe, report: str | None) -> dict:
+    """The before/after results (teacher, pruned, student, aligned) as the eval stage saved them."""
     from .evaluate import load_results
 
-    rows = []
-    names = ["teacher", "pruned", "student"] + (["aligned"] if (root / "eval" / "aligned").is_dir() else [])
-    for name in names:
-        res = load_results(root / "eval" / name) or {}
-        ppl = (res.get("perplexity") or {}).get("ppl")
-        speed = res.get("speed") or {}
-        rows.append({"model": name, "parameters": res.get("parameters"), "ppl": ppl,
-                     "prefill_tok_s": speed.get("prefill_tokens_per_s"), "decode_tok_s": speed.get("decode_tokens_per_s")})
-    out = {"run": str(root), "rows": rows, "report": report, "student": str(root / "student")}
-    if (root / "aligned" / "slimlm.json").exists():
-        out["aligned"] = str(root / "aligned")
+    folder = RunFolder(root, r, progress=False)
+    results = []
+    for name, _, where in _eval_roles(r, folder):
+        res = load_results(where) or {"model": name}
+        res["role"] = name
+        results.append(res)
+    rows = [{"model": res["role"], "parameters": res.get("parameters"), "ppl": (res.get("perplexity") or {}).get("ppl"),
+             "prefill_tok_s": (res.get("speed") or {}).get("prefill_tokens_per_s"),
+             "decode_tok_s": (res.get("speed") or {}).get("decode_tokens_per_s")} for res in results]
+    out = {"run": str(root), "results": results, "rows": rows, "report": report, "student": str(folder.student)}
+    if (folder.aligned / "slimlm.json").exists():
+        out["aligned"] = str(folder.aligned)
     return out
 
 
-class _Log:
-    def __init__(self, root: Path):
-        self.path = root / "run.log"
+# ---- training stages: here, or under `accelerate launch` on several GPUs --------------------------
 
-    def __call__(self, msg: str) -> None:
-        import sys
 
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, file=sys.stderr, flush=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+def launch_command(config_file: str, teacher, student: str, out, config: DistillConfig, *, resume: bool = False,
+                   overwrite: bool = False) -> list[str]:
+    """The `accelerate launch ... -m slimlm distill|correct-teacher` command line for one training stage.
+
+    Every setting of `config` that differs from its default becomes the flag declared for it.
+    """
+    from .config import CorrectConfig
+
+    lm = isinstance(config, CorrectConfig)
+    cmd = ["accelerate", "launch", "--config_file", str(config_file), "-m", "slimlm"]
+    cmd += ["correct-teacher", str(student)] if lm else ["distill", "--teacher", str(teacher), "--student", str(student)]
+    cmd += ["--out", str(out), "--quiet"]
+    defaults = type(config)()
+    for f in type(config).settings(where="cli"):
+        value = getattr(config, f.name)
+        if value == getattr(defaults, f.name) or value is None:
+            continue
+        flag = flag_of(f)
+        pos, _, neg = (f.metadata.get("flag") or "").partition("/")
+        if isinstance(value, bool):
+            cmd += [flag] if value else [neg or f"--no-{flag[2:]}"]
+        elif f.name == "data":
+            sources = value if isinstance(value, (list, tuple, dict)) else [value]
+            for source in sources:
+                cmd += ["--data", str(source)]
+            if isinstance(value, dict):
+                cmd += ["--data-weights", ",".join(str(w) for w in value.values())]
+        elif isinstance(value, (list, tuple)):
+            cmd += [flag, ",".join(str(v) for v in value)]
+        else:
+            cmd += [flag, str(value)]
+    cmd += ["--resume"] if resume else (["--overwrite"] if overwrite else [])
+    return cmd
+
+
+def train(r: Recipe, what: str, teacher, student, out: Path, config: DistillConfig, *, progress: bool = True):
+    """distill() / correct_teacher() in this process, or under `accelerate launch` when the recipe names an
+    Accelerate config and this machine has several GPUs (FSDP2 / ZeRO-3 need one process per GPU; the
+    other stages run once, here).  An interrupted run in `out` continues where it stopped."""
+    import torch
+
+    from .distill import DistillResult, correct_teacher, distill
+
+    ckpts = Path(out) / "run" / "checkpoints"
+    resume = ckpts.is_dir() and any(ckpts.iterdir()) and not (Path(out) / "slimlm.json").exists()
+    accel = r.run.accelerate_config
+    if not (accel and torch.cuda.device_count() > 1):
+        if what == "correct":
+            return correct_teacher(student, out, config, resume=resume, overwrite=not resume, progress=progress)
+        return distill(teacher, student, out=out, config=config, resume=resume, overwrite=not resume,
+                       progress=progress)
+    import subprocess
+
+    if not isinstance(teacher, (str, type(None))):
+        teacher = r.teacher if not (Path(out).parent / "teacher-corrected").exists() else str(Path(out).parent / "teacher-corrected")
+    cmd = launch_command(accel, teacher, student, out, config, resume=resume, overwrite=not resume)
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    prov = json.loads((Path(out) / "slimlm.json").read_text())
+    return DistillResult(out=str(out), mode="lm" if what == "correct" else "kd", steps=prov.get("steps", 0),
+                         tokens=prov.get("tokens", 0), complete=True, metrics=prov.get("final_metrics") or {})
+
+

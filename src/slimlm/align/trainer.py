@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .._io import atomic_dir, atomic_write_json, check_writable_output
 from ..chat import ensure_chat_template, read_conversations, read_preferences, template_hash, template_text
+from ..config import AlignConfig
 from ..errors import SlimlmError
 from ..models import load_config, load_tokenizer, pick_dtype, resolve_model_path
 
@@ -165,6 +166,35 @@ def _check_numbers(**values) -> None:
 
 
 def align(
+    model,
+    sft: str | os.PathLike | None = None,
+    out: str | os.PathLike = "aligned",
+    prefs: str | os.PathLike | None = None,
+    config: AlignConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> AlignResult:
+    """Instruction-tune `model` with the settings of `config` (an `AlignConfig`) and `overrides`.
+
+    `sft` and `prefs` (the chat data and the optional preference pairs) are overrides given
+    positionally: ``align("student", "chats.jsonl", "out")``.  See `_align` for the settings.
+    """
+    if sft is not None:
+        overrides["sft"] = str(sft)
+    if prefs is not None:
+        overrides["prefs"] = str(prefs)
+    c = AlignConfig.make(config, **overrides)
+    if c.sft is None:
+        raise SlimlmError("align needs chat data (--sft FILE.jsonl)")
+    settings = c.as_dict()
+    return _align(model, settings.pop("sft"), out, settings.pop("prefs"), resume=resume, overwrite=overwrite,
+                  progress=progress, **settings)
+
+
+def _align(
     model,
     sft: str | os.PathLike,
     out: str | os.PathLike = "aligned",
@@ -318,6 +348,14 @@ def _check_renders(tok, conversations, pairs) -> None:
         render(p["prompt"], add_generation_prompt=True)
         render(p["prompt"] + p["chosen"])
         render(p["prompt"] + p["rejected"])
+
+
+def resumable(out: str | os.PathLike) -> bool:
+    """True when `out` holds an unfinished align run that `resume=True` can continue."""
+    out = Path(out)
+    run_dir = out / "run"
+    return not (out / "slimlm.json").exists() and (
+        (run_dir / "sft" / "done.json").exists() or _last_checkpoint(run_dir / "sft") is not None)
 
 
 def _last_checkpoint(folder: Path) -> Path | None:

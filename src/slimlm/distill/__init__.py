@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-__all__ = ["distill", "DistillResult", "NonFiniteLossError", "kd_loss", "naive_kd_loss", "LOSSES"]
+__all__ = ["distill", "correct_teacher", "DistillResult", "NonFiniteLossError", "kd_loss", "naive_kd_loss", "LOSSES"]
 
 
 def __getattr__(name):
     # Lazy: `slimlm --help` imports slimlm.distill.cli, which must not pull in torch/accelerate.
-    if name in ("distill", "DistillResult", "NonFiniteLossError"):
+    if name in ("distill", "correct_teacher", "DistillResult", "NonFiniteLossError"):
         from . import trainer
 
         return getattr(trainer, name)

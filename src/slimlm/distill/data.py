@@ -310,15 +310,11 @@ def build_training_data(
     bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seq_len - 1 if bos_id is not None else seq_len
     weights = [w for _, w in sources]
-    shares = [0] * len(sources) if eval_source is not None else _apportion(heldout, weights)
     parts, held = [], []
-    for (name, weight), share in zip(sources, shares):
-        target = max(1, math.ceil(need * weight - 1e-9))
+    for (name, _), (target, share) in zip(sources, window_plan(need, weights, heldout, eval_source is not None)):
         shards = token_shards(name, tokenizer, (target + share) * body, text_field=text_field, cache=cache,
                               progress=progress)
-        total = min(len(shards) // body, target + share)
-        n_held = min(share, total // 5)
-        n_train = total - n_held
+        n_train, n_held = split_windows(len(shards) // body, target, share)
         if n_train < 1:
             raise SlimlmError(f"data source {name} gives no training windows of {seq_len} tokens")
         parts.append(SourceWindows(shards, seq_len, bos_id, 0, n_train))
@@ -334,6 +330,26 @@ def build_training_data(
         held.append(SourceWindows(shards, seq_len, bos_id, 0, n).rows(np.arange(n)))
     held_rows = np.concatenate(held) if held else np.empty((0, seq_len), dtype=np.int64)
     return TrainingData(parts, [n for n, _ in sources], weights, seed), held_rows
+
+
+def window_plan(need: int, weights: Sequence[float], heldout: int, separate_eval: bool) -> list[tuple[int, int]]:
+    """(training windows wanted, held-out windows wanted) of each source, for `need` training windows.
+
+    Source i is asked for ``ceil(need * weight_i)`` training windows and, unless the held-out
+    windows come from a separate source, its share of the `heldout` windows.
+    """
+    shares = [0] * len(weights) if separate_eval else _apportion(heldout, weights)
+    return [(max(1, math.ceil(need * w - 1e-9)), share) for w, share in zip(weights, shares)]
+
+
+def split_windows(available: int, wanted: int, share: int) -> tuple[int, int]:
+    """(training, held-out) windows of a source holding `available` windows (held-out right after training).
+
+    A source shorter than asked gives all it has, with at most a fifth of it held out.
+    """
+    total = min(available, wanted + share)
+    n_held = min(share, total // 5)
+    return total - n_held, n_held
 
 
 def _apportion(total: int, weights: Sequence[float]) -> list[int]:

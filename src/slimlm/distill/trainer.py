@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from .._io import check_writable_output
-from ..data import DEFAULT_CORPUS, check_source
+from ..config import DEFAULT_CORPUS, CorrectConfig, DistillConfig
+from ..data import check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
 from .accel import check_fsdp_version, cpu_only, reset_accelerate, set_deepspeed_micro_batch, shards_parameters
@@ -111,6 +112,48 @@ def _max_positions(config) -> int | None:
 
 
 def distill(
+    teacher,
+    student,
+    data=None,
+    out: str | os.PathLike = "distilled",
+    tokens: int | str | None = None,
+    config: DistillConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    tokenizer=None,
+    **overrides,
+) -> DistillResult:
+    """Distill `teacher` into `student` with the settings of `config` (a `DistillConfig`) and `overrides`.
+
+    `data` and `tokens` are overrides too, given positionally for short calls:
+    ``distill("smollm2-135m", "pruned", "corpus.txt", "out", "100k")``.  See `_distill` for what
+    each setting does; `resume`, `overwrite`, `progress`, `on_step` and `tokenizer` are per call.
+    """
+    if data is not None:
+        overrides["data"] = data
+    if tokens is not None:
+        overrides["tokens"] = tokens
+    c = DistillConfig.make(config, **overrides)
+    settings = c.as_dict()
+    return _distill(teacher, student, settings.pop("data") or DEFAULT_CORPUS, out, settings.pop("tokens"),
+                    resume=resume, overwrite=overwrite, progress=progress, on_step=on_step, tokenizer=tokenizer,
+                    **settings)
+
+
+def correct_teacher(model, out: str | os.PathLike = "corrected", config: CorrectConfig | None = None, *,
+                    resume: bool = False, overwrite: bool = False, progress: bool = True, **overrides) -> DistillResult:
+    """Teacher correction: train `model` with the LM loss on the distillation data (a `CorrectConfig`)."""
+    c = CorrectConfig.make(config, **overrides)
+    settings = c.as_dict()
+    settings["min_lr"] = c.final_min_lr()
+    return _distill(None, model, settings.pop("data") or DEFAULT_CORPUS, out, settings.pop("tokens"),
+                    resume=resume, overwrite=overwrite, progress=progress, **settings)
+
+
+def _distill(
     teacher,
     student,
     data=DEFAULT_CORPUS,
@@ -495,7 +538,9 @@ def _run(accelerator, **kw) -> DistillResult:
             bar.close()
 
     elapsed = elapsed_before + time.perf_counter() - t_start
-    if end_step < g.total_steps:  # stopped early on purpose: checkpoint, no export
+    if end_step < g.total_steps:  # stopped early on purpose: validate there (unless just done), checkpoint, no export
+        if g.eval_every and end_step % g.eval_every and end_step > start_step:
+            last_eval = evaluate(end_step)  # the result (and the search's ranking) reports the model it stopped with
         last_ckpt = checkpoint(end_step, elapsed)
         monitor.close()
         return DistillResult(str(out), g.mode, end_step, end_step * tokens_per_step, False, last_eval, elapsed, last_ckpt)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .. import __version__
 from .._io import atomic_write_json
+from ..config import EvalConfig
 from ..errors import SlimlmError
 from .ppl import check_perplexity_args, perplexity
 from .throughput import check_speed_args, speed as measure_speed
@@ -29,92 +30,48 @@ def count_parameters(model) -> int:
     return total
 
 
-def check_eval_args(
-    ppl: str | Sequence[str] | None = None,
-    seq_len: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    text_field: str = "text",
-    tasks: str | Sequence[str] | None = None,
-    task_data: Sequence[str] | dict | None = None,
-    include_path=None,
-    limit: float | None = None,
-    num_fewshot: int | None = None,
-    speed: bool = False,
-    batch_size: int = 1,
-    prompt_len: int = 128,
-    new_tokens: int = 32,
-    repeats: int = 3,
-    chat_prompts: str | os.PathLike | None = None,
-    max_new_tokens: int = 128,
-) -> dict:
+def check_eval_args(config: EvalConfig | None = None, **overrides) -> dict:
     """Check every evaluation setting (and read the data sources) before a model loads.
 
     Returns the parsed ``{"tasks": [...], "task_data": {...}}``.
     """
     from ..data import check_source
+    from ..models import pick_dtype
 
-    task_list, data = parse_tasks(tasks), parse_task_data(task_data)
-    if ppl is None and not task_list and not speed and chat_prompts is None:
+    c = EvalConfig.make(config, **overrides)
+    task_list, data = parse_tasks(c.tasks), parse_task_data(c.task_data)
+    if c.ppl is None and not task_list and not c.speed and c.chat_prompts is None:
         raise SlimlmError("nothing to evaluate: give --ppl DATA, --tasks NAMES, --speed and/or --chat-prompts FILE")
-    if chat_prompts is not None:
+    if c.chat_prompts is not None:
         from .chat import check_chat_args
 
-        check_chat_args(chat_prompts, max_new_tokens)
+        check_chat_args(c.chat_prompts, c.max_new_tokens)
     if data and not task_list:
         raise SlimlmError("--task-data is given but no --tasks")
-    check_perplexity_args(seq_len, stride, max_tokens, batch_size)
-    if speed:
-        check_speed_args(batch_size, prompt_len, new_tokens, repeats)
-    if limit is not None and limit <= 0:
-        raise SlimlmError(f"--limit must be positive, got {limit}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise SlimlmError(f"--num-fewshot must be at least 0, got {num_fewshot}")
-    if ppl is not None:
-        check_source(ppl, text_field)
+    check_perplexity_args(c.seq_len, c.stride, c.max_tokens, c.batch_size)
+    if c.speed:
+        check_speed_args(c.batch_size, c.prompt_len, c.new_tokens, c.repeats)
+    pick_dtype(c.dtype)
+    if c.ppl is not None:
+        check_source(c.ppl, c.text_field)
     if task_list:
-        check_tasks(task_list, data, include_path)
+        check_tasks(task_list, data, c.include_path)
     return {"tasks": task_list, "task_data": data}
 
 
-def evaluate(
-    model,
-    tokenizer=None,
-    *,
-    ppl: str | Sequence[str] | None = None,
-    seq_len: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    text_field: str = "text",
-    tasks: str | Sequence[str] | None = None,
-    task_data: Sequence[str] | dict | None = None,
-    include_path=None,
-    limit: float | None = None,
-    num_fewshot: int | None = None,
-    speed: bool = False,
-    batch_size: int = 1,
-    prompt_len: int = 128,
-    new_tokens: int = 32,
-    repeats: int = 3,
-    dtype: str = "auto",
-    save: bool = False,
-    progress: bool = False,
-    chat_prompts: str | os.PathLike | None = None,
-    max_new_tokens: int = 128,
-    chat_template: bool = False,
-) -> dict:
-    """Evaluate one model: perplexity on `ppl`, lm-eval `tasks`, and/or `speed`.
+def evaluate(model, tokenizer=None, config: EvalConfig | None = None, *, progress: bool = False, **overrides) -> dict:
+    """Evaluate one model: perplexity on `ppl`, lm-eval `tasks`, `speed` and chat answers (settings: `EvalConfig`).
 
     `model` is a loaded model (with its `tokenizer`) or anything `slimlm.models.load_model`
-    takes (a folder, hub id, .gguf file, alias), loaded here in `dtype`.  With `save`, the
-    results are merged into ``eval.json`` in the model's folder when it has a writable one.
-    `chat_prompts` (a prompt file) adds greedy answers (``result["chat"]``, `max_new_tokens` each)
-    rendered with the chat template; `chat_template` runs the lm-eval tasks with it too.
-    Returns ``{"model", "parameters", "perplexity"?, "tasks"?, "speed"?, ...}``.
+    takes (a folder, hub id, .gguf file, alias), loaded here in `dtype`.  With `save` (the
+    default), the results are merged into ``eval.json`` in the model's folder when it has a
+    writable one.  `chat_prompts` (a prompt file) adds greedy answers (``result["chat"]``,
+    `max_new_tokens` each) rendered with the chat template; `chat_template` runs the lm-eval
+    tasks with it too.  Returns ``{"model", "parameters", "perplexity"?, "tasks"?, "speed"?, ...}``.
     """
-    parsed = check_eval_args(ppl, seq_len, stride, max_tokens, text_field, tasks, task_data, include_path,
-                             limit, num_fewshot, speed, batch_size, prompt_len, new_tokens, repeats,
-                             chat_prompts=chat_prompts, max_new_tokens=max_new_tokens)
+    c = EvalConfig.make(config, **overrides)
+    parsed = check_eval_args(c)
+    limit = int(c.limit) if c.limit is not None and c.limit >= 1 and c.limit == int(c.limit) else c.limit
     spec, folder = None, None
     if isinstance(model, (str, os.PathLike)):
         from ..models import load_model, load_tokenizer, resolve_model_path
@@ -122,11 +79,11 @@ def evaluate(
         spec = str(model)
         folder = resolve_model_path(spec)
         tokenizer = tokenizer or load_tokenizer(spec)
-        model = load_model(spec, dtype)
+        model = load_model(spec, c.dtype)
     elif tokenizer is None:
         raise SlimlmError("evaluating a model object needs its tokenizer")
     spec = spec or getattr(model.config, "_slimlm_source", None) or getattr(model.config, "_name_or_path", "model")
-    if chat_prompts is not None or chat_template:
+    if c.chat_prompts is not None or c.chat_template:
         from .chat import require_chat_template
 
         require_chat_template(tokenizer, spec)
@@ -142,28 +99,29 @@ def evaluate(
 
     def done(section: str, summary: str) -> None:
         # Save after each part, so a long run that stops later keeps what it measured.
-        if save and result["path"]:
+        if c.save and result["path"]:
             result["saved_to"] = save_results(result, result["path"])
         if progress:
             print(f"{spec}: {section} {summary}", file=sys.stderr, flush=True)
 
-    if ppl is not None:
-        r = result["perplexity"] = perplexity(model, tokenizer, ppl, seq_len, stride, max_tokens, text_field, batch_size, progress)
+    if c.ppl is not None:
+        r = result["perplexity"] = perplexity(model, tokenizer, c.ppl, c.seq_len, c.stride, c.max_tokens, c.text_field,
+                                              c.batch_size, progress)
         done("perplexity", f"{r['ppl']:.4g} over {r['tokens']:,} tokens")
     if parsed["tasks"]:
-        r = result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], limit, num_fewshot, batch_size,
-                                        parsed["task_data"], include_path, apply_chat_template=chat_template)
-        if chat_template:
+        r = result["tasks"] = run_tasks(model, tokenizer, parsed["tasks"], limit, c.num_fewshot, c.batch_size,
+                                        parsed["task_data"], c.include_path, apply_chat_template=c.chat_template)
+        if c.chat_template:
             result["tasks_chat_template"] = True
         done("tasks", "; ".join(f"{t} {_main_metrics(m)}" for t, m in r.items()))
-    if speed:
-        r = result["speed"] = measure_speed(model, tokenizer, batch_size, prompt_len, new_tokens, repeats)
+    if c.speed:
+        r = result["speed"] = measure_speed(model, tokenizer, c.batch_size, c.prompt_len, c.new_tokens, c.repeats)
         done("speed", f"prefill {r['prefill_tokens_per_s']:.4g} tokens/s, decode {r['decode_tokens_per_s'] or 0:.4g} tokens/s, "
                       f"peak {r['peak_mem_mb']:.4g} MB")
-    if chat_prompts is not None:
+    if c.chat_prompts is not None:
         from .chat import chat_answers
 
-        r = result["chat"] = chat_answers(model, tokenizer, chat_prompts, max_new_tokens, progress)
+        r = result["chat"] = chat_answers(model, tokenizer, c.chat_prompts, c.max_new_tokens, progress)
         done("chat", f"{len(r['answers'])} answers")
     return result
 

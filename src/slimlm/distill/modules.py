@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -210,16 +209,17 @@ class Distillation(nn.Module):
     start of the root's forward to the end of its backward.  The LM heads are therefore plain
     local tensors wherever the chunked loss uses them, in the forward and in a recomputation during
     backward, whatever the torch version; the fused loss can use them directly.  (Exposing the
-    embeddings would let Accelerate carve them and the heads into a separate "tail" unit whose hooks
-    run per module call: with torch 2.11 that unit was resharded during backward and the
-    recomputed head met sharded weights.)
+    embeddings would let Accelerate carve the final norm and LM head into a separate grouped unit;
+    torch 2.11 runs such a unit's hooks once per round of its modules, which an LM head called
+    once per loss chunk breaks: the unit was resharded during backward and the head recomputed
+    for an earlier chunk met sharded weights.)
 
     The teacher is not part of the state dict (checkpoints, export) except inside
     `teacher_in_state_dict()`, which the trainer uses around `accelerator.prepare`: Accelerate's
     FSDP2 loading fills every shard, the teacher's too, from the main process's state dict.
     """
 
-    def __init__(self, objective: StudentObjective, teacher: Optional[TeacherForward] = None):
+    def __init__(self, objective: StudentObjective, teacher: TeacherForward | None = None):
         super().__init__()
         self.objective = objective
         self.teacher = teacher

@@ -285,7 +285,7 @@ def _align(
         unfinished = (run_dir / "config.json").exists() and not (out / "slimlm.json").exists()
         if unfinished and not overwrite:
             raise SlimlmError(f"output {out} holds an unfinished run: pass --resume to continue it or --overwrite")
-        check_writable_output(out, overwrite=overwrite)
+        check_writable_output(out, overwrite=overwrite, inputs=(spec, sft, prefs, chat_template_from))
     limit = getattr(config, "max_position_embeddings", None)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)

@@ -31,7 +31,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, sav
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
-from .tokens import default_token_cache
+from .tokens import usable_token_cache
 from .loss import check_loss_name
 from .modules import Distillation, StudentObjective, TeacherForward, parse_layer_map
 from .monitor import Monitor, fmt_rate, progress_bar
@@ -262,7 +262,7 @@ def _distill(
     if teacher is None and mode == "kd":
         raise SlimlmError("distillation needs a teacher")
     sources = parse_sources(data, data_weights)
-    token_cache = Path(token_cache).expanduser() if token_cache is not None else default_token_cache()
+    token_cache = usable_token_cache(token_cache)
 
     from accelerate import PartialState
 
@@ -295,7 +295,7 @@ def _distill(
         unfinished = (run_dir / "checkpoints").exists() and not (out / "slimlm.json").exists()
         if unfinished and not overwrite:
             raise SlimlmError(f"output {out} holds an unfinished run: pass --resume to continue it or --overwrite")
-        check_writable_output(out, overwrite=overwrite)
+        check_writable_output(out, overwrite=overwrite, inputs=(t_spec, s_spec, eval_data, *(s for s, _ in sources)))
 
     # ---- 3. models' configs and tokenizers -------------------------------------------------
     s_tok = tokenizer or _tokenizer_for(s_spec)

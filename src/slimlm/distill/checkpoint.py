@@ -39,8 +39,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed would also store its partitions of the frozen teacher; the teacher is an input, not state.
+    extra = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     with _quiet("accelerate.utils.other"):
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **extra)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", trainer_state)

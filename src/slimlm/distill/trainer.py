@@ -26,14 +26,14 @@ from ..config import DEFAULT_CORPUS, CorrectConfig, DistillConfig
 from ..data import check_source
 from ..errors import SlimlmError
 from ..models import load_config, load_model, load_tokenizer, pick_dtype
-from .accel import cpu_only, prepare_teacher, reset_accelerate, shards_parameters
+from .accel import check_fsdp_version, cpu_only, reset_accelerate, set_deepspeed_micro_batch, shards_parameters
 from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from .export import export_student, provenance
 from ..chat import ensure_chat_template, read_conversations, render_chat_texts, template_hash, template_text
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
 from .tokens import usable_token_cache
 from .loss import check_loss_name
-from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
+from .modules import Distillation, StudentObjective, TeacherForward, parse_layer_map
 from .monitor import Monitor, fmt_rate, progress_bar
 
 MODES = ("kd", "lm")
@@ -354,6 +354,11 @@ def _distill(
             f"{accum}; remove gradient_accumulation_steps from the accelerate config"
         )
     try:
+        check_fsdp_version(accelerator)
+    except SlimlmError:
+        reset_accelerate()
+        raise
+    try:
         return _run(**locals())
     finally:
         reset_accelerate()
@@ -409,32 +414,30 @@ def _run(accelerator, **kw) -> DistillResult:
         enable()
     s_model.config.use_cache = False
     s_model.train()
-    # Under FSDP2 / ZeRO-3 weights are gathered by module calls: the loss checkpoints its chunks
-    # instead of using the head weight directly, and AdamW keeps torch's default implementation.
+    # Under FSDP2 / ZeRO-3 AdamW keeps torch's default implementation (sharded parameters).
     sharded = shards_parameters(accelerator)
-    from accelerate.utils import DistributedType
-
-    if main and accelerator.distributed_type == DistributedType.FSDP:
-        print("warning: FSDP2 has not yet passed a GPU run of slimlm (it failed once with torch 2.11; "
-              "see configs/accelerate/README.md); one GPU or DDP are tested", file=sys.stderr, flush=True)
+    if main and sharded and accelerator.device.type != "cpu":
+        print(f"note: slimlm's {g.distributed} path is tested on CPU processes (torch 2.11 and 2.13) but not yet "
+              "confirmed on GPUs (bench/gpu.sh, part 5; configs/accelerate/README.md)", file=sys.stderr, flush=True)
+    # One module runs teacher, student and loss: under FSDP2 / ZeRO-3 it is the root, so every
+    # sharded module is called inside the root's forward (see Distillation).
     objective = StudentObjective(
         s_model, g.mode, g.loss, g.temperature, g.ce_weight, g.hidden_loss, g.pairs, g.hidden_weight,
-        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size, fused=not sharded,
+        g.t_cfg.hidden_size if use_teacher else None, g.chunk_size,
     )
-    params = [p for p in objective.parameters() if p.requires_grad]
+    model = Distillation(objective, TeacherForward(t_model, tuple(t for _, t in g.pairs)) if use_teacher else None)
+    params = [p for p in model.parameters() if p.requires_grad]  # the teacher is frozen: no optimizer state
     # The fused AdamW kernel (CPU and GPU) steps all parameters at once: ~3x faster than the
     # per-tensor loop torch picks on CPU.
     optimizer = torch.optim.AdamW(params, lr=g.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=g.weight_decay,
                                   fused=not sharded or None)
     sched_fn = lambda s: schedule(s, g.total_steps, g.lr, g.min_lr, g.warmup_steps) / g.lr  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    set_deepspeed_micro_batch(accelerator, g.micro_batch)
+    with model.teacher_in_state_dict():  # FSDP2 loads every shard, the teacher's too, from the main process
+        model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler counts optimizer steps itself (prepare() would step it once per process).
     accelerator.register_for_checkpointing(scheduler)
-    teacher_fwd = teacher_head = None
-    if use_teacher:
-        teacher_fwd = prepare_teacher(accelerator, TeacherForward(t_model, tuple(t for _, t in g.pairs)))
-        teacher_head = lm_head(accelerator.unwrap_model(teacher_fwd).hf_model)
 
     start_step, elapsed_before, last_eval = 0, 0.0, {}
     data_start = 0
@@ -453,7 +456,7 @@ def _run(accelerator, **kw) -> DistillResult:
     def evaluate(step: int) -> dict:
         if not len(held):
             return {}
-        metrics = _evaluate(accelerator, objective, teacher_fwd, teacher_head, held, g.micro_batch)
+        metrics = _evaluate(accelerator, model, use_teacher, held, g.micro_batch)
         monitor.log({"event": "eval", "step": step, "tokens": step * tokens_per_step, **metrics})
         return metrics
 
@@ -485,9 +488,8 @@ def _run(accelerator, **kw) -> DistillResult:
             grad_norm = None
             for m in range(g.accum):
                 ids = data.windows(first + m * g.micro_batch, g.micro_batch).to(accelerator.device)
-                with accelerator.accumulate(objective):
-                    t_hidden, t_taps = teacher_fwd(ids) if (teacher_fwd is not None and g.mode == "kd") else (None, None)
-                    res = objective(ids, t_hidden, t_taps, teacher_head)
+                with accelerator.accumulate(model):
+                    res = model(ids)
                     accelerator.backward(res["loss"])
                     sums += torch.stack([res["loss"].detach().float(), res["kd"].float(), res["ce"].float(),
                                          res["kl"].float(), res["hidden"].float()])
@@ -495,7 +497,7 @@ def _run(accelerator, **kw) -> DistillResult:
                         stats = accelerator.reduce(sums / g.accum, "mean")
                         if not torch.isfinite(stats[0]):
                             raise _diverged(step + 1, "loss", last_ckpt, monitor)
-                        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), g.clip)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), g.clip)
                         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                             raise _diverged(step + 1, "gradient norm", last_ckpt, monitor)
                         optimizer.step()
@@ -550,7 +552,7 @@ def _run(accelerator, **kw) -> DistillResult:
     monitor.close()
     metrics = {**final, "train_loss": record["loss"] if end_step > start_step else None}
     meta = provenance(g, metrics, elapsed)
-    export_student(accelerator, objective, g.tok, out, meta, g.compute_dtype)
+    export_student(accelerator, model, g.tok, out, meta, g.compute_dtype)
     return DistillResult(str(out), g.mode, g.total_steps, g.total_steps * tokens_per_step, True, metrics, elapsed,
                          last_ckpt)
 
@@ -584,20 +586,19 @@ def _diverged(step: int, what: str, last_ckpt: str | None, monitor: Monitor) -> 
 
 
 @torch.no_grad()
-def _evaluate(accelerator, objective, teacher_fwd, teacher_head, held, micro_batch: int) -> dict:
+def _evaluate(accelerator, model, use_teacher: bool, held, micro_batch: int) -> dict:
     """Held-out forward KL to the teacher (temperature 1) and the student's LM loss, averaged over tokens."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = held[rank::world]
-    objective.eval()
+    model.eval()
     sums = torch.zeros(4, device=accelerator.device)
     for i in range(0, len(mine), micro_batch):
         ids = torch.from_numpy(mine[i:i + micro_batch].astype("int64")).to(accelerator.device)
-        t_hidden = teacher_fwd(ids)[0] if teacher_fwd is not None else None
-        sums += objective(ids, t_hidden, None, teacher_head, metrics=True)
-    objective.train()
+        sums += model(ids, metrics=True)
+    model.train()
     sums = accelerator.reduce(sums, "sum")
     lm = (sums[1] / sums[3]).item()
     metrics = {"val_lm_loss": lm, "val_ppl": math.exp(min(lm, 50.0))}
-    if teacher_fwd is not None:
+    if use_teacher:
         metrics = {"val_kl": (sums[0] / sums[2]).item(), **metrics}
     return metrics

@@ -44,6 +44,39 @@ COMMON = dict(
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+NEW_DENSE_FAMILIES = ("smollm3", "olmo2", "olmo3", "granite", "gemma2")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
+HYBRID_FAMILIES = ("nemotron_h", "falcon_h1")
+NEW_FAMILIES = NEW_DENSE_FAMILIES + MOE_FAMILIES + HYBRID_FAMILIES
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
+
+# Small, with the structure that slicing mistakes would break: 6 experts (top-2) of 24
+# neurons, a dense layer among MoE layers (Qwen3-MoE), a shared expert (Qwen2-MoE,
+# Nemotron-H), 8 Mamba heads of 6 channels in 2 groups, a per-group gated norm, biases,
+# and multipliers that are not 1.
+NEW_CONFIGS = {
+    "smollm3": dict(attention_bias=True),
+    "olmo2": dict(),
+    "olmo3": dict(sliding_window=16),
+    "granite": dict(embedding_multiplier=1.5, residual_multiplier=0.7, attention_multiplier=0.2, logits_scaling=1.3),
+    "gemma2": dict(sliding_window=16, query_pre_attn_scalar=12, layer_types=["sliding_attention", "full_attention"] * 2),
+    "qwen3_moe": dict(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen2_moe": dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                      use_sliding_window=False),
+    "mixtral": dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2, head_dim=8),
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "nemotron_h": dict(num_hidden_layers=None, layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"],
+                       mamba_num_heads=8, mamba_head_dim=6, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
+                       n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                       moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1),
+    "falcon_h1": dict(mamba_d_ssm=48, mamba_n_heads=8, mamba_d_head=6, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+                      mamba_chunk_size=8, mamba_rms_norm=True, embedding_multiplier=1.5, lm_head_multiplier=0.7,
+                      ssm_out_multiplier=0.8, attention_in_multiplier=1.2, mlp_multipliers=[1.1, 0.9],
+                      ssm_multipliers=[1.0, 1.1, 0.9, 1.2, 0.8]),
+}
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -56,7 +89,9 @@ def tiny_config(family: str = "llama", **overrides):
         kw.update(use_sliding_window=False)
     if family == "phi3":
         kw.update(tie_word_embeddings=False, original_max_position_embeddings=128)
+    kw.update(NEW_CONFIGS.get(family, {}))
     kw.update(overrides)
+    kw = {k: v for k, v in kw.items() if v is not None}
     return AutoConfig.for_model(family, **kw)
 
 

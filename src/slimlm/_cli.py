@@ -30,6 +30,16 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object as 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its last checkpoint.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the memory each device would need (and what would fit) and exit; loads no weights.")]
+
+
+def print_memory_plans(plans, as_json: bool) -> None:
+    """What --dry-run prints: each plan's lines (and one JSON object with --json)."""
+    for title, plan in plans:
+        print(f"{title}:" if title else "", *plan.lines(), sep="\n")
+    if as_json:
+        emit_json({"dry_run": True, "plans": {title or "distill": plan.as_dict() for title, plan in plans}})
 
 
 def emit_json(obj: dict) -> None:

@@ -39,7 +39,11 @@ def count_parameters(config) -> dict:
 
 
 def info(model: str) -> dict:
-    """Architecture, shape and parameter counts of a model (no weights are loaded)."""
+    """Architecture, shape and parameter counts of a model (no weights are loaded).
+
+    `active_parameters` counts what one token uses (of the routed experts only the
+    top-k); it equals `parameters` for a dense model.
+    """
     config = load_config(model)
     adapter = get_adapter(config)
     shape = adapter.shape()
@@ -51,6 +55,7 @@ def info(model: str) -> dict:
         **shape.as_dict(),
         "parameters": params["total"],
         "parameters_without_embeddings": params["non_embedding"],
+        "active_parameters": adapter.param_count(shape, active=True),
     }
 
 
@@ -218,6 +223,12 @@ class _PruneJob:
         self.adapter.validate_shape(target_shape(targets, self.shape))
         self.k_drop = self.shape.layers - targets.layers if targets.layers is not None else 0
         self.given = scores if isinstance(scores, Scores) else (Scores.load(scores) if scores is not None else None)
+        kind = targets.expert_importance
+        if kind in ("reap", "frequency") and self.shape.experts:
+            if self.given is not None:
+                self.given.expert_scores(kind)  # errors now if missing
+            elif calib.kind != "activation":
+                raise SlimlmError(f"--expert-importance {kind} needs --importance activation")
         if self.given is not None:
             self.given.check_matches(self.shape)
             if targets.depth_metric in ("loss", "bi") and self.k_drop and self._activation(self.given):
@@ -269,6 +280,7 @@ class _PruneJob:
     def write(self, scores: Scores) -> dict:
         """Plan from the scores and slice: a local safetensors checkpoint shard by shard, else in memory."""
         plan = make_plan(scores, self.shape, self.targets)
+        self.adapter.validate_shape(plan.target_shape)  # the kept layer pattern is known only now (hybrids)
         targets = {k: v for k, v in asdict(self.targets).items() if v is not None}
         prov = provenance(plan, self.model, scores.meta, targets)
         source_dir = resolve_model_path(self.model)
@@ -292,6 +304,8 @@ class _PruneJob:
             "shape": new_shape.as_dict(),
             "parameters_before": self.adapter.param_count(self.shape),
             "parameters_after": self.adapter.param_count(new_shape),
+            "active_parameters_before": self.adapter.param_count(self.shape, active=True),
+            "active_parameters_after": self.adapter.param_count(new_shape, active=True),
             "kept_layers": plan.kept_layers,
             "importance": scores.meta.get("importance"),
             "sliced": how,

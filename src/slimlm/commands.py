@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._cli import JsonOut, Model, Only, Overwrite, emit_json, fmt_params, settings_command
-from .config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig
+from ._cli import DryRun, JsonOut, Model, Only, Overwrite, emit_json, fmt_params, print_memory_plans, settings_command
+from .config import DistillConfig, ImportanceConfig, MemoryConfig, PruneConfig, SearchConfig
 
 console = Console(stderr=True)
 
@@ -30,9 +30,13 @@ def info(model: Model, json_out: JsonOut = False):
         emit_json(result)
         return
     table = Table(title=f"{model}", show_header=False)
-    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied"):
-        table.add_row(key, str(result[key]))
+    for key in ("family", "architecture", "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "tied",
+                "experts", "experts_per_token", "moe_ffn", "shared_ffn", "mamba_heads", "mamba_head_dim", "mamba_groups"):
+        if key in result:
+            table.add_row(key, str(result[key]))
     table.add_row("parameters", f"{result['parameters']:,} ({fmt_params(result['parameters'])})")
+    if result["active_parameters"] != result["parameters"]:
+        table.add_row("active per token", f"{result['active_parameters']:,} ({fmt_params(result['active_parameters'])})")
     table.add_row("without embeddings", f"{result['parameters_without_embeddings']:,} ({fmt_params(result['parameters_without_embeddings'])})")
     Console().print(table)
 
@@ -76,8 +80,11 @@ def prune(
     s0, s1 = result["source_shape"], result["shape"]
     console.print(
         f"[green]pruned[/green] {model} -> {output}: layers {s0['layers']}->{s1['layers']}, hidden {s0['hidden']}->{s1['hidden']}, "
-        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}; "
-        f"parameters {fmt_params(b)} -> {fmt_params(a)} ({a / b:.1%})"
+        f"ffn {s0['ffn']}->{s1['ffn']}, heads {s0['heads']}->{s1['heads']}, kv {s0['kv_heads']}->{s1['kv_heads']}"
+        + "".join(f", {k} {s0[k]}->{s1[k]}" for k in ("experts", "moe_ffn", "shared_ffn", "mamba_heads") if k in s0)
+        + f"; parameters {fmt_params(b)} -> {fmt_params(a)} ({a / b:.1%})"
+        + (f", active {fmt_params(result['active_parameters_before'])} -> {fmt_params(result['active_parameters_after'])}"
+           if "experts" in s0 else "")
     )
     if json_out:
         emit_json(result)
@@ -114,17 +121,26 @@ def search(
         emit_json(result)
 
 
+@settings_command
 def run_command(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the embedded SmolLM2-135M recipe).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default: runs/<recipe name>).")] = None,
     from_stage: Annotated[Optional[str], typer.Option(
         "--from", help="Redo from this stage: correct, importance, prune, distill, align, eval, report.")] = None,
+    memory: MemoryConfig = None,
+    dry_run: DryRun = False,
     json_out: JsonOut = False,
 ):
     """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> align -> eval -> report (resumable)."""
     from .evaluate.compare import comparison_table
     from .pipeline import run
 
+    if dry_run:
+        from .memory import plan_run
+        from .recipe import load_recipe
+
+        print_memory_plans(plan_run(load_recipe(recipe)[0], memory), json_out)
+        return
     summary = run(recipe, output, from_stage=from_stage)
     Console().print(comparison_table(summary["results"], title=f"before / after ({summary['run']})"))
     if summary["report"]:

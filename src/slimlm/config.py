@@ -238,12 +238,21 @@ class PruneConfig(Settings):
     drop_layers: Optional[str] = setting(None, "Layers to remove by index, e.g. 20-25 or 3,7 (0-based, inclusive).")
     depth_metric: str = setting(
         "block", "block (best contiguous block by LM loss), loss (one layer out), bi (block importance).")
+    experts: Optional[int] = setting(
+        None, "MoE: routed experts to keep in every MoE layer (router rows sliced, top-k clamped).", min=1)
+    moe_ffn: Optional[int] = setting(None, "MoE: neurons to keep in every routed expert (each keeps its own best).", min=1)
+    shared_ffn: Optional[int] = setting(None, "MoE: neurons to keep in the shared expert.", min=1)
+    mamba_heads: Optional[int] = setting(
+        None, "Hybrids: Mamba heads to keep in every Mamba layer (same number in every group).", min=1)
+    expert_importance: Optional[str] = setting(
+        None, "Expert ranking: reap (router-weighted activation norm, default), frequency, magnitude, random.")
 
     def any_depth(self) -> bool:
         return self.layers is not None or bool(self.drop_layers)
 
     def any_size(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self) if f.name != "depth_metric")
+        return any(getattr(self, f.name) is not None for f in fields(self)
+                   if f.name not in ("depth_metric", "expert_importance"))
 
 
 @dataclass(frozen=True)
@@ -408,6 +417,19 @@ class EvalConfig(Settings):
     save: bool = setting(True, "Merge the results into eval.json in each model's folder.", flag="--save/--no-save",
                          recipe=False)
     dtype: str = _dtype()
+
+
+@dataclass(frozen=True)
+class MemoryConfig(Settings):
+    """How `--dry-run` plans memory: for which set-up and which devices (nothing is loaded or run)."""
+
+    device_memory: Optional[str] = setting(
+        None, "Memory per device to plan for, e.g. 80GB (default: this machine's GPU, else its RAM).", recipe=False)
+    accelerate_config: Optional[str] = setting(
+        None, "Plan for this Accelerate config (backend, processes, precision) instead of this machine.",
+        recipe=False)
+    processes: Optional[int] = setting(None, "Plan for this many processes (default: the Accelerate config's).",
+                                       min=1, recipe=False)
 
 
 @dataclass(frozen=True)

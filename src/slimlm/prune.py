@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from ._io import atomic_dir
 from .adapters import Adapter, get_adapter
+from .adapters.base import EXPERT, NESTED_AXES
 from .errors import SlimlmError
 from .plan import PrunePlan
 
@@ -37,23 +38,57 @@ TOKENIZER_FILES = (
 def prune_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, plan: PrunePlan, new_config
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Slice each (name, tensor); tensors of removed layers are dropped, layers renumbered."""
+    """Slice each (name, tensor); tensors of removed layers and experts are dropped, the rest renumbered.
+
+    Names may be in-memory ones or a checkpoint's (one tensor per expert, renamed prefixes).
+    """
     new_index = {old: new for new, old in enumerate(plan.kept_layers)}
     for name, tensor in tensors:
-        layer, rule = adapter.tensor_rule(name)
-        if layer is not None:
-            if layer not in new_index:
+        if adapter.is_ignored(name):
+            continue
+        layer, rule, expert = adapter.locate(name)
+        if layer is None:
+            yield name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name)
+            continue
+        if layer not in new_index:
+            continue
+        position = None
+        if expert is not None:  # one expert's own tensor, as checkpoints store them
+            kept = plan.kept_experts[layer]
+            if expert not in kept:
                 continue
-            out_name = adapter.rename(name, new_index[layer])
+            position = kept.index(expert)
+        out_name = adapter.rename(name, new_index[layer], position)
+        yield out_name, slice_tensor(tensor, rule, layer, adapter, plan, new_config, name, position)
+
+
+def slice_tensor(tensor, rule, layer, adapter: Adapter, plan: PrunePlan, new_config, name: str,
+                 expert: int | None = None) -> torch.Tensor:
+    """One tensor sliced along every dimension its rule names (`expert`: a single expert's tensor)."""
+    out = tensor
+    expert_dim = next((d for d, axis in rule.items() if axis == EXPERT), None)
+    # Per-expert (nested) axes index the experts already kept, so they come last.
+    for dim, axis in sorted(rule.items(), key=lambda item: item[1] in NESTED_AXES):
+        index = adapter.axis_index(axis, layer, plan, expert)
+        if index is None:
+            continue
+        index = index.to(out.device)
+        if axis in NESTED_AXES and expert is None:
+            out = _gather_per_expert(out, expert_dim, dim, index)
         else:
-            out_name = name
-        out = tensor
-        for dim, axis in rule.items():
-            index = adapter.axis_index(axis, layer, plan)
-            if index is not None:
-                out = out.index_select(dim, index.to(out.device))
-        out = adapter.adjust_tensor(name, out, plan, new_config)
-        yield out_name, out.contiguous()
+            out = out.index_select(dim, index)
+    out = adapter.adjust_tensor(name, out, plan, new_config)
+    return out.contiguous()
+
+
+def _gather_per_expert(t: torch.Tensor, expert_dim: int, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Along `dim`, keep index[e] in the e-th expert (experts along `expert_dim`); index is [experts, n]."""
+    shape = [1] * t.dim()
+    shape[expert_dim], shape[dim] = index.shape
+    view = (index if expert_dim < dim else index.T).reshape(shape)
+    target = list(t.shape)
+    target[dim] = index.shape[1]
+    return t.gather(dim, view.expand(target))
 
 
 def _new_empty_model(config, dtype):
@@ -71,10 +106,11 @@ def prune_model(model, plan: PrunePlan):
     state = dict(prune_tensors(model.state_dict().items(), adapter, plan, new_config))
     dtype = next(model.parameters()).dtype
     new = _new_empty_model(new_config, dtype)
-    if getattr(new_config, "tie_word_embeddings", False):
+    tied = adapter.shape(new_config).tied
+    if tied:
         state.pop("lm_head.weight", None)
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(new_config, "tie_word_embeddings", False))]
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise RuntimeError(f"pruned state does not fit the new config: missing {missing}, unexpected {unexpected}")
     new.tie_weights()
@@ -144,7 +180,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     config = AutoConfig.from_pretrained(source_dir)
     adapter = get_adapter(config)
     new_config = adapter.new_config(plan)
-    tied = bool(getattr(new_config, "tie_word_embeddings", False))
+    tied = adapter.shape(new_config).tied
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_dir(out) as tmp:

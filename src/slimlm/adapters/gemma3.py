@@ -8,20 +8,11 @@ With tied embeddings that also scales the logits, which the final norm compensat
 
 import math
 
-from .base import HIDDEN, KEEP, Adapter
+from .base import HEAD_DIM, HIDDEN, Adapter, with_tensors
 
 
-class Gemma3Adapter(Adapter):
-    model_types = ("gemma3_text",)
-    hidden_divisible_by_heads = True
-    hidden_sites = ("input_layernorm", "pre_feedforward_layernorm")
-    layer_tensors = {
-        **Adapter.layer_tensors,
-        "pre_feedforward_layernorm.weight": {0: HIDDEN},
-        "post_feedforward_layernorm.weight": {0: HIDDEN},
-        "self_attn.q_norm.weight": {0: KEEP},
-        "self_attn.k_norm.weight": {0: KEEP},
-    }
+class ScaledEmbeddingMixin:
+    """Keeps the output of an embedding scaled by sqrt(hidden_size) (Gemma 2 and 3)."""
 
     def adjust_tensor(self, name, tensor, plan, new_config):
         old, new = self.config.hidden_size, new_config.hidden_size
@@ -33,3 +24,17 @@ class Gemma3Adapter(Adapter):
         if name == "model.norm.weight" and getattr(new_config, "tie_word_embeddings", False):
             return ((1.0 + tensor.float()) / factor - 1.0).to(tensor.dtype)
         return tensor
+
+
+class Gemma3Adapter(ScaledEmbeddingMixin, Adapter):
+    model_types = ("gemma3_text",)
+    hidden_divisible_by_heads = True
+    hidden_sites = ("input_layernorm", "pre_feedforward_layernorm")
+    layer_tensors = with_tensors(
+        Adapter.layer_tensors,
+        norms={
+            "pre_feedforward_layernorm.weight": {0: HIDDEN},
+            "post_feedforward_layernorm.weight": {0: HIDDEN},
+        },
+        attention={"self_attn.q_norm.weight": {0: HEAD_DIM}, "self_attn.k_norm.weight": {0: HEAD_DIM}},
+    )

@@ -6,10 +6,13 @@ from .base import FFN, GATE_UP, HIDDEN, Q, QKV, Adapter
 class Phi3Adapter(Adapter):
     model_types = ("phi3",)
     layer_tensors = {
-        "input_layernorm.weight": {0: HIDDEN},
-        "post_attention_layernorm.weight": {0: HIDDEN},
-        "self_attn.qkv_proj.weight": {0: QKV, 1: HIDDEN},
-        "self_attn.o_proj.weight": {0: HIDDEN, 1: Q},
-        "mlp.gate_up_proj.weight": {0: GATE_UP, 1: HIDDEN},
-        "mlp.down_proj.weight": {0: HIDDEN, 1: FFN},
+        "norms": Adapter.layer_tensors["norms"],
+        "attention": {
+            "self_attn.qkv_proj.weight": {0: QKV, 1: HIDDEN},
+            "self_attn.o_proj.weight": {0: HIDDEN, 1: Q},
+        },
+        "mlp": {
+            "mlp.gate_up_proj.weight": {0: GATE_UP, 1: HIDDEN},
+            "mlp.down_proj.weight": {0: HIDDEN, 1: FFN},
+        },
     }

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .._cli import JsonOut, Overwrite, Quiet, Resume, emit_json, settings_command
-from ..config import CorrectConfig, DistillConfig, parse_count
+from .._cli import DryRun, JsonOut, Overwrite, Quiet, Resume, emit_json, print_memory_plans, settings_command
+from ..config import CorrectConfig, DistillConfig, MemoryConfig, parse_count
 
 __all__ = ["register", "parse_count"]
 
@@ -42,12 +42,19 @@ def distill_command(
     student: Annotated[str, typer.Option("--student", "-s", help="Student model (e.g. the output of slimlm prune).")],
     out: Out,
     config: DistillConfig,
+    memory: MemoryConfig,
     resume: Resume = False,
     overwrite: Overwrite = False,
+    dry_run: DryRun = False,
     as_json: JsonOut = False,
     quiet: Quiet = False,
 ):
     """Distill a teacher into a (pruned) student with the Minitron loss (forward KL on logits)."""
+    if dry_run:
+        from ..memory import plan_distill
+
+        print_memory_plans([("", plan_distill(teacher, student, config, memory))], as_json)
+        return
     from . import distill
 
     result = distill(teacher, student, out=out, config=config, resume=resume, overwrite=overwrite,

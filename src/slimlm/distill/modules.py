@@ -32,6 +32,14 @@ def lm_head(model: nn.Module):
     return as_head(model.get_output_embeddings(), softcap=getattr(model.config, "final_logit_softcapping", None))
 
 
+def logit_scale(model: nn.Module) -> float:
+    """The factor a model applies to its logits after the LM head (Falcon-H1's lm_head_multiplier,
+    Granite's 1 / logits_scaling); the heads of those families have no bias, so it scales the
+    final hidden states instead."""
+    c = model.config
+    return float(getattr(c, "lm_head_multiplier", None) or 1.0) / float(getattr(c, "logits_scaling", None) or 1.0)
+
+
 def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """Pair every student layer with an evenly spaced teacher layer (last with last)."""
     return [(i, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
@@ -113,6 +121,8 @@ class TeacherForward(_Delegating):
     def forward(self, input_ids: torch.Tensor):
         with tap_layers(self.hf_model, self.tap) as taps:
             hidden = decoder(self.hf_model)(input_ids=input_ids, use_cache=False).last_hidden_state
+        if logit_scale(self.hf_model) != 1.0:
+            hidden = hidden * logit_scale(self.hf_model)
         if self.tap:
             norm = decoder(self.hf_model).norm
             taps = {i: norm(h) for i, h in taps.items()}
@@ -177,6 +187,8 @@ class StudentObjective(_Delegating):
             hidden = decoder(self.hf_model)(input_ids=input_ids, use_cache=False).last_hidden_state
         labels = next_token_labels(input_ids).reshape(-1)
         flat = hidden.reshape(-1, hidden.shape[-1])
+        if logit_scale(self.hf_model) != 1.0:
+            flat = flat * logit_scale(self.hf_model)
         t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         if metrics:  # called under no_grad: the plain chunks keep nothing
             kind = "kl" if t_flat is not None else "none"

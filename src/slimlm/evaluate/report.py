@@ -259,7 +259,7 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         fig.colorbar(im, ax=ax, label="importance")
         figs.append(Figure(f"{tag}heads", "Attention-head importance", _png(fig)))
     ffn = t.get("ffn")
-    if ffn is not None and ffn.dim() == 2:
+    if ffn is not None and ffn.dim() == 2 and ffn.numel():  # MoE-only models (Mixtral) have no dense MLP
         # Neurons are ranked within their layer, so each row is shown relative to its max.
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.25 * ffn.shape[0], 10)))
         im = ax.imshow(_row_relative(ffn), aspect="auto", cmap="magma", interpolation="nearest", norm=_log_norm())

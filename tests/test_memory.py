@@ -14,14 +14,14 @@ from conftest import run_cli, tiny_config
 from slimlm.memory import activation_bytes_per_token, parse_bytes, plan_distill_memory
 
 WORKER = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[3])
 import torch
 from conftest import save_tiny
 from pathlib import Path
-def rss():
+def status(key):  # VmHWM is this address space's peak: ru_maxrss would carry the forking parent's over exec
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
 shape, tmp = json.loads(sys.argv[1]), Path(sys.argv[2])
 common = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
@@ -36,10 +36,10 @@ from slimlm.memory import plan_distill_memory
 plan = plan_distill_memory(AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student),
                            micro_batch=shape["mb"], seq_len=shape["seq"])
 import gc; gc.collect()
-base = rss()
+base = status("VmRSS")
 distill(str(teacher), str(student), str(corpus), tmp / "o", tokens=2 * shape["mb"] * shape["seq"], seq_len=shape["seq"],
         micro_batch=shape["mb"], eval_every=0, save_every=0, progress=False, tensorboard=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"measured": peak - base, "plan": plan.total}))
 """
 

@@ -124,3 +124,37 @@ def test_multi_gpu_distill_is_launched_through_accelerate():
 
     params = {o for p in get_command(build_app()).commands["distill"].params for o in p.opts + p.secondary_opts}
     assert {a for a in cmd[7:] if a.startswith("--")} <= params
+
+
+def test_search_mode_ranks_rungs_into_the_report_and_reruns_on_new_settings(tmp_path, text_file, capsys):
+    teacher = save_tiny("llama", tmp_path / "teacher", max_position_embeddings=256)
+    recipe = tmp_path / "search.yaml"
+
+    def write(budget):
+        recipe.write_text(f"""
+teacher: {teacher}
+data: {text_file}
+importance: {{calib_samples: 4, seq_len: 32, heldout: 2}}
+search: {{target_params: 70000, tolerance: 0.15, max_candidates: 3, reduction: 2, search_budget: {budget}, hidden_step: 12,
+          ffn_step: 16}}
+distill: {{tokens: 512, seq_len: 32, micro_batch: 4, global_batch: 8, warmup: 1, heldout: 2}}
+eval: {{ppl: {text_file}, max_tokens: 128, seq_len: 32}}
+""")
+
+    write(2048)  # 8 steps of 8 x 32 tokens: rungs of 3 x 1 and 2 x 2 more steps
+    out = tmp_path / "run"
+    code, _, err = run(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    rung1 = json.loads((out / "search" / "rungs" / "rung-1.json").read_text())
+    assert (rung1["candidates"], rung1["steps"], rung1["kept"]) == (2, 3, 1)
+    winner = rung1["ranking"][0]
+    pruned = json.loads((out / "pruned" / "config.json").read_text())
+    assert (pruned["hidden_size"], pruned["intermediate_size"]) == (winner["hidden"], winner["ffn"])
+    assert "rung 1: 2 candidates at 3 steps" in (out / "report" / "report.md").read_text()
+    # Other search settings: the stage runs again into a cleared search folder (no refusal).
+    write(2560)
+    code, _, err = run(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    assert "stage search" in err
+    assert json.loads((out / "search" / "ladder.json").read_text())["budget_steps"] == 10
+    assert json.loads((out / "search" / "rungs" / "rung-1.json").read_text())["steps"] == 4

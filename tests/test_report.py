@@ -145,3 +145,29 @@ def test_images_load_in_headless_chromium(report, tmp_path):
     flags = re.search(r'data-images="([01]*)"', dom)
     assert flags is not None, dom[-2000:]
     assert flags.group(1) == "1" * len(out["images"])
+
+
+def test_search_rungs_are_tables_and_candidate_curves_are_left_out(tmp_path):
+    from slimlm.search import LADDER_FILE, Rung, write_rung
+
+    run = tmp_path / "run"
+    search = run / "search"
+    search.mkdir(parents=True)
+    (search / LADDER_FILE).write_text("{}")
+
+    def row(name, kl, steps, rung):
+        return {"candidate": name, "layers": 4, "hidden": 48, "ffn": 64, "heads": 6, "kv_heads": 3, "params": 90_000,
+                "rung": rung, "steps": steps, "val_kl": kl, "val_lm_loss": 4.0}
+
+    write_rung(search, Rung(0, 3, 1, 1), [row("A", 0.5, 1, 0), row("B", 0.6, 1, 0), row("C", 0.9, 1, 0)], kept=2)
+    write_rung(search, Rung(1, 2, 3, 4), [row("B", 0.3, 4, 1), row("A", 0.4, 4, 1)], kept=1)
+    curve = search / "candidates" / "A" / "student"
+    curve.mkdir(parents=True)
+    (curve / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "loss": 1.0}) + "\n")
+    out = write_report(run)
+    assert out["metrics"] == [] and out["searches"] == [str(search)]
+    md = (run / "report" / "report.md").read_text()
+    assert "### Search (search), rung 0: 3 candidates at 1 steps" in md
+    rows = re.findall(r"^\| (\d) \| ([ABC]) \|.*\| ([a-z]*) \|$", md, re.M)
+    assert rows == [("1", "A", "yes"), ("2", "B", "yes"), ("3", "C", ""), ("1", "B", "winner"), ("2", "A", "")]
+    assert "<h3>Search (search), rung 1: 2 candidates at 4 steps</h3>" in (run / "report" / "report.html").read_text()

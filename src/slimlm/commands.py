@@ -66,7 +66,8 @@ def prune(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned checkpoint (written atomically).")],
     targets: PruneConfig,
     calibration: Annotated[ImportanceConfig, Only("data", "text_field", "calib_samples", "seq_len", "heldout",
-                                                  "batch_size", "kind", "aggregation", "seed", "dtype", "device_map")],
+                                                  "batch_size", "kind", "aggregation", "seed", "dtype", "device_map",
+                                                  "offload")],
     scores: ScoresIn = None,
     save_scores: Annotated[Optional[Path], typer.Option("--save-scores", help="Also save the scores computed here.")] = None,
     overwrite: Overwrite = False,
@@ -102,17 +103,18 @@ def search(
         "--scores", help="Reuse a scores file (else computed into OUT/scores.safetensors).")] = None,
     json_out: JsonOut = False,
 ):
-    """Find the best uniform shape for a parameter budget: prune candidates, distill each briefly, rank by validation KL."""
+    """Find the best uniform shape for a parameter budget: candidates distilled in rungs, the best third kept each time."""
     from .search import search as run_search
 
     result = run_search(model, output, config, distillation, calibration, scores=scores)
     console.print(f"{result['candidates']} candidates within ±{config.tolerance:.0%} of "
-                  f"{config.target_params / 1e6:.1f}M parameters")
-    table = Table(title="search ranking (validation KL to the teacher, lower is better)")
-    for col in ("rank", "candidate", "parameters", "val KL", "val LM loss"):
+                  f"{config.target_params / 1e6:.1f}M parameters; {result['steps_used']} of {result['budget_steps']} "
+                  "distillation steps spent")
+    table = Table(title="search ranking (validation KL to the teacher at the last rung reached, lower is better)")
+    for col in ("rank", "candidate", "parameters", "rung", "steps", "val KL", "val LM loss"):
         table.add_column(col)
     for i, row in enumerate(result["ranking"], 1):
-        table.add_row(str(i), row["candidate"], fmt_params(row["params"]),
+        table.add_row(str(i), row["candidate"], fmt_params(row["params"]), str(row["rung"]), str(row["steps"]),
                       f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-",
                       f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-")
     Console().print(table)

@@ -17,6 +17,7 @@ by one function each below and used as the field of every class that has them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -138,6 +139,23 @@ def _dtype():
     return setting("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.", shared=True)
 
 
+def _data_weights():
+    return setting(
+        None, "Mixing weights, one per --data in the same order, comma-separated: 0.7,0.3 (relative; the windows "
+              "are interleaved in a seeded order that keeps these proportions).",
+        cli_type=Optional[str], recipe_types=(str, list))
+
+
+def _eval_data():
+    return setting(None, "Separate held-out text source (default: windows after the training ones).")
+
+
+def _token_cache():
+    return setting(
+        None, "Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each source is "
+              "tokenized once there and reused. Delete it to clear the cache.")
+
+
 def _count(default, help, **kw):
     return setting(default, help, parse=parse_count, cli_type=str, recipe_types=(int, str), **kw)
 
@@ -190,10 +208,13 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def check_bounds(f: dataclasses.Field, value, name: str) -> None:
-    """The declared lower bounds of a setting (`min`, `above`); SlimlmError naming it."""
+    """The declared lower bounds of a setting (`min`, `above`); SlimlmError naming it.  No setting
+    takes NaN or infinity ('--lr inf' parses as a float but would only train to NaN)."""
     low, above = f.metadata.get("min"), f.metadata.get("above")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SlimlmError(f"{name} must be a finite number, got {value}")
     if low is not None and not value >= low:
         raise SlimlmError(f"{name} must be at least {low:g}, got {value}")
     if above is not None and not value > above:
@@ -223,6 +244,10 @@ class ImportanceConfig(Settings):
     device_map: Optional[str] = setting(
         None, "Accelerate device map, e.g. 'auto' to spread a large model over GPUs and CPU (default: auto when a "
               "GPU is present).")
+    offload: str = setting(
+        "auto", "layers: read the decoder layers one at a time from the checkpoint (memory: one layer, the "
+                "embeddings and the calibration hidden states); auto: do so when the model would not fit in "
+                "memory; none: load the whole model.")
 
 
 @dataclass(frozen=True)
@@ -282,20 +307,15 @@ class DistillConfig(Settings):
     gradient_checkpointing: bool = setting(False, "Recompute student layers in backward (less memory).")
     eval_every: Optional[int] = setting(None, "Validate every N steps (default: 10 times a run; 0: never).", min=0)
     heldout: int = setting(16, "Held-out windows for validation.", min=0)
-    eval_data: Optional[str] = setting(None, "Separate held-out text source (default: windows after the training ones).")
+    eval_data: Optional[str] = _eval_data()
     save_every: Optional[int] = setting(
         None, "Checkpoint every N steps (default: about 10 a run, every 25-1000 steps; 0: never).", min=0)
     keep_checkpoints: int = setting(1, "Checkpoints kept on disk (the newest).", min=1)
     chat: bool = setting(
         False, "--data is chat JSONL ({\"messages\": [...]}), rendered with the chat template: an instruct teacher "
                "gives an instruct student.")
-    data_weights: Optional[Any] = setting(
-        None, "Mixing weights, one per --data in the same order, comma-separated: 0.7,0.3 (relative; the windows "
-              "are interleaved in a seeded order that keeps these proportions).",
-        cli_type=Optional[str], recipe_types=(str, list))
-    token_cache: Optional[str] = setting(
-        None, "Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each source is "
-              "tokenized once there and reused. Delete it to clear the cache.")
+    data_weights: Optional[Any] = _data_weights()
+    token_cache: Optional[str] = _token_cache()
     stop_after: Optional[int] = setting(
         None, "Stop (with a checkpoint, no export) after this many optimizer steps; continue with --resume.",
         min=1, recipe=False)
@@ -330,20 +350,57 @@ class CorrectConfig(DistillConfig):
 
 
 @dataclass(frozen=True)
+class TeacherLogitsConfig(Settings):
+    """The teacher's top-K log-probabilities over a distillation's windows (`slimlm teacher-logits`).
+
+    The data settings are those of the distillation that will read the cache: with the same
+    data, seed, sequence length and budget, the cache holds exactly the windows it reads.
+    """
+
+    data: Any = _data()
+    data_weights: Optional[Any] = _data_weights()
+    eval_data: Optional[str] = _eval_data()
+    tokens: int = _count(100_000, "Token budget of the distillation that will read the cache (its --tokens); a "
+                                  "larger budget later extends the same cache.", short="-n", min=1)
+    seq_len: int = setting(512, "Tokens per window (the distillation's --seq-len).", min=2)
+    global_batch: Optional[int] = setting(
+        None, "Windows per optimizer step of that distillation (default: distill's, 4 on one process); the cache "
+              "covers whole steps.", min=1)
+    heldout: int = setting(16, "Held-out windows (the distillation's --heldout), stored too: validation needs no "
+                               "teacher.", min=0)
+    top_k: int = setting(64, "Teacher log-probabilities kept per token; the rest of the mass is kept as one "
+                             "bucket.", min=1)
+    batch_size: int = setting(8, "Windows per teacher forward pass.", min=1)
+    chunk_size: int = setting(512, "Tokens per LM-head chunk (at most a few chunk x vocabulary floats at once).",
+                              min=1)
+    token_cache: Optional[str] = _token_cache()
+    text_field: str = _text_field()
+    seed: int = _seed()
+    dtype: str = _dtype()
+
+
+@dataclass(frozen=True)
 class SearchConfig(Settings):
-    """Architecture search (`slimlm search`, the pipeline's search stage)."""
+    """Architecture search (`slimlm search`, the pipeline's search stage): successive halving over candidate shapes."""
 
     target_params: Optional[float] = setting(None, "Parameter target, e.g. 9e7.", above=0, required=True)
     tolerance: float = setting(0.05, "Keep shapes within this fraction of the target.", above=0)
-    max_width_prune: float = setting(0.4, "Largest fraction of any width axis to remove.", min=0)
-    max_depth_prune: float = setting(0.2, "Largest fraction of layers to remove.", min=0)
-    max_candidates: int = setting(8, "Distill at most this many candidates (closest to the target first).", min=1)
+    max_width_prune: float = setting(0.55, "Largest fraction of any width axis to remove.", min=0)
+    max_depth_prune: float = setting(0.4, "Largest fraction of layers to remove.", min=0)
+    max_candidates: int = setting(
+        27, "Distill at most this many candidates (a spread of the shapes that qualify, the closest to the target "
+            "first).", min=1)
     prune_heads: bool = setting(
         True, "Also try fewer attention heads (--keep-heads: never prune heads, the paper's choice).",
         flag="--prune-heads/--keep-heads")
     hidden_step: int = setting(64, "Grid step of the hidden size.", min=1)
     ffn_step: int = setting(128, "Grid step of the MLP size.", min=1)
-    search_tokens: int = _count(20000, "Distillation tokens per candidate (paper: ~400 steps).", min=1)
+    search_budget: int = _count(
+        160_000, "Distillation tokens of the whole search, shared equally by its rungs (default: what 8 candidates "
+                 "x 20,000 tokens cost).", min=1)
+    reduction: int = setting(
+        3, "Each rung keeps the best 1/REDUCTION of its candidates (3: the best third) and distills them longer.",
+        min=2)
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,107 @@ class _ExpertStats:
         return {"reap": reap, "frequency": frequency, "neurons": neurons}
 
 
+class ActivationCollectors:
+    """The hooks of the importance pass and what they accumulate, layer by layer.
+
+    `attach(layer, i)` registers layer `i`'s hooks (hidden-channel sites, MLP and
+    attention inputs, shared expert, experts, Mamba heads, Block Importance) and returns
+    their handles; `scores()` turns what they saw into `Scores`.  The in-memory pass
+    attaches every layer and runs the model; the streamed pass (`slimlm.streaming`)
+    attaches each layer while it is loaded.  Call `start_batch(windows)` before each batch.
+    """
+
+    def __init__(self, adapter: Adapter, aggregation: tuple[str, str] = ("mean", "l2")):
+        self.adapter, self.shape = adapter, adapter.shape()
+        self.seq_agg, self.batch_agg = aggregation
+        self.current = {"seq_len": None}  # tokens per window of the batch running now (for flattened MoE inputs)
+        n = self.shape.layers
+        self.sites: dict[tuple[int, int], _Accumulator] = {}
+        self.ffn, self.attn, self.shared, self.mamba = {}, {}, {}, {}
+        self.experts: dict[int, _ExpertStats] = {}
+        self.bi_sum = torch.zeros(n, dtype=torch.float64)
+        self.bi_count = torch.zeros(n, dtype=torch.float64)
+
+    def start_batch(self, batch: torch.Tensor) -> None:
+        self.current["seq_len"] = batch.shape[1]
+
+    def _acc(self) -> _Accumulator:
+        return _Accumulator(self.seq_agg, self.current)
+
+    def attach(self, layer, i: int) -> list:
+        """Register layer `i`'s hooks; returns their handles (remove them when the layer is done)."""
+        adapter, shape, handles = self.adapter, self.shape, []
+        blocks = shape.blocks(i)
+
+        def input_of(module_path, store):
+            store[i] = self._acc()
+            handles.append(layer.get_submodule(module_path).register_forward_pre_hook(
+                lambda m, a, a_=store[i]: a_.add(a[0])))
+
+        for j, name in enumerate(adapter.hidden_sites):
+            if _has(layer, name):  # hybrids: each layer holds only some of the norms
+                acc = self.sites[(i, j)] = self._acc()
+                handles.append(layer.get_submodule(name).register_forward_hook(lambda m, a, o, a_=acc: a_.add(o)))
+        if "mlp" in blocks:
+            input_of(adapter.mlp_down, self.ffn)
+        if "attention" in blocks:
+            input_of(adapter.attn_out, self.attn)
+        if "shared" in blocks:
+            input_of(adapter.shared_down, self.shared)
+        if "moe" in blocks:
+            self.experts[i] = _ExpertStats(shape.experts, self.seq_agg, self.current)
+            module = layer.get_submodule(adapter.experts_module)
+            handles.append(module.register_forward_pre_hook(self.experts[i].hook, with_kwargs=True))
+        if "mamba" in blocks:
+            acc = self.mamba[i] = self._acc()
+            inner = shape.mamba_heads * shape.mamba_head_dim
+
+            def in_proj_hook(m, a, out, a_=acc, inner=inner):
+                a_.add(out[..., inner : 2 * inner])  # the x part of [z | x | B | C | dt]
+
+            handles.append(layer.get_submodule(adapter.mamba_in_proj).register_forward_hook(in_proj_hook))
+
+        def bi_hook(module, args, kwargs, out):
+            a, b = _hidden_of(args, kwargs), _output_of(out)
+            cos = F.cosine_similarity(a.float(), b.float().to(a.device), dim=-1)
+            self.bi_sum[i] += cos.sum().item()
+            self.bi_count[i] += cos.numel()
+
+        handles.append(layer.register_forward_hook(bi_hook, with_kwargs=True))
+        return handles
+
+    def _rows(self, store: dict, width: int) -> torch.Tensor:
+        """One row per layer; zeros for layers without that block."""
+        out = torch.zeros(self.shape.layers, width)
+        for i, a_ in store.items():
+            out[i] = a_.finalize(self.batch_agg)
+        return out
+
+    def scores(self) -> Scores:
+        shape, agg = self.shape, self.batch_agg
+        n = shape.layers
+        hidden_sites = torch.stack([self.sites[k].finalize(agg) for k in sorted(self.sites)])
+        channel = self._rows(self.attn, shape.heads * shape.head_dim)  # [L, heads*head_dim]
+        scores = Scores(
+            hidden=hidden_sites.sum(0),
+            ffn=self._rows(self.ffn, shape.ffn),
+            heads=channel.view(n, shape.heads, shape.head_dim).norm(dim=-1),
+            hidden_sites=hidden_sites,
+            depth_scores={"bi": (1.0 - self.bi_sum / self.bi_count.clamp_min(1)).float()},
+            meta={"importance": "activation", "aggregation": f"{self.seq_agg},{agg}"},
+        )
+        if self.experts:
+            done = [self.experts[i].finalize(agg, shape.moe_ffn) for i in sorted(self.experts)]
+            scores.experts = {kind: torch.stack([d[kind] for d in done]) for kind in ("reap", "frequency")}
+            scores.expert_ffn = torch.stack([d["neurons"] for d in done])
+        if self.shared:
+            scores.shared_ffn = torch.stack([self.shared[i].finalize(agg) for i in sorted(self.shared)])
+        if self.mamba:
+            per_channel = torch.stack([self.mamba[i].finalize(agg) for i in sorted(self.mamba)])
+            scores.mamba_heads = per_channel.view(len(self.mamba), shape.mamba_heads, shape.mamba_head_dim).norm(dim=-1)
+        return scores
+
+
 @torch.inference_mode()
 def activation_scores(
     model,
@@ -375,105 +476,32 @@ def activation_scores(
     """One forward pass with hooks: width scores (experts and Mamba heads included) and Block Importance."""
     adapter = get_adapter(model)
     adapter.check_model(model)
-    shape = adapter.shape()
-    seq_agg, batch_agg = aggregation
-    layers = adapter.layers(model)
-    current = {"seq_len": None}  # tokens per window of the batch running now (for flattened MoE inputs)
-
-    def acc():
-        return _Accumulator(seq_agg, current)
-
-    sites: list[_Accumulator] = []
-    ffn, attn, shared, mamba = {}, {}, {}, {}
-    experts: dict[int, _ExpertStats] = {}
-    bi_sum = torch.zeros(len(layers), dtype=torch.float64)
-    bi_count = torch.zeros(len(layers), dtype=torch.float64)
+    collectors = ActivationCollectors(adapter, aggregation)
     handles = []
-
-    def bi_hook(i):
-        def hook(module, args, kwargs, out):
-            a, b = _hidden_of(args, kwargs), _output_of(out)
-            cos = F.cosine_similarity(a.float(), b.float().to(a.device), dim=-1)
-            bi_sum[i] += cos.sum().item()
-            bi_count[i] += cos.numel()
-
-        return hook
-
-    def input_of(module_path, layer, store, i):
-        store[i] = acc()
-        handles.append(layer.get_submodule(module_path).register_forward_pre_hook(lambda m, a, a_=store[i]: a_.add(a[0])))
-
     try:
-        for i, layer in enumerate(layers):
-            blocks = shape.blocks(i)
-            for name in adapter.hidden_sites:
-                if _has(layer, name):  # hybrids: each layer holds only some of the norms
-                    sites.append(acc())
-                    handles.append(layer.get_submodule(name).register_forward_hook(lambda m, a, o, a_=sites[-1]: a_.add(o)))
-            if "mlp" in blocks:
-                input_of(adapter.mlp_down, layer, ffn, i)
-            if "attention" in blocks:
-                input_of(adapter.attn_out, layer, attn, i)
-            if "shared" in blocks:
-                input_of(adapter.shared_down, layer, shared, i)
-            if "moe" in blocks:
-                experts[i] = _ExpertStats(shape.experts, seq_agg, current)
-                module = layer.get_submodule(adapter.experts_module)
-                handles.append(module.register_forward_pre_hook(experts[i].hook, with_kwargs=True))
-            if "mamba" in blocks:
-                mamba[i] = acc()
-                inner = shape.mamba_heads * shape.mamba_head_dim
-
-                def in_proj_hook(m, a, out, a_=mamba[i], inner=inner):
-                    a_.add(out[..., inner : 2 * inner])  # the x part of [z | x | B | C | dt]
-
-                handles.append(layer.get_submodule(adapter.mamba_in_proj).register_forward_hook(in_proj_hook))
-            handles.append(layer.register_forward_hook(bi_hook(i), with_kwargs=True))
+        for i, layer in enumerate(adapter.layers(model)):
+            handles += collectors.attach(layer, i)
         device = _input_device(model)
         for batch in tqdm(list(windows.split(batch_size)), desc="importance", unit="batch", disable=not progress):
-            current["seq_len"] = batch.shape[1]
+            collectors.start_batch(batch)
             # The decoder alone: the LM head over the full vocabulary feeds no score.
             model.base_model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-
-    def rows(store: dict, width: int) -> torch.Tensor:
-        """One row per layer; zeros for layers without that block."""
-        out = torch.zeros(len(layers), width)
-        for i, a_ in store.items():
-            out[i] = a_.finalize(batch_agg)
-        return out
-
-    hidden_sites = torch.stack([a_.finalize(batch_agg) for a_ in sites])
-    channel = rows(attn, shape.heads * shape.head_dim)  # [L, heads*head_dim]
-    scores = Scores(
-        hidden=hidden_sites.sum(0),
-        ffn=rows(ffn, shape.ffn),
-        heads=channel.view(len(layers), shape.heads, shape.head_dim).norm(dim=-1),
-        hidden_sites=hidden_sites,
-        depth_scores={"bi": (1.0 - bi_sum / bi_count.clamp_min(1)).float()},
-        meta={"importance": "activation", "aggregation": f"{seq_agg},{batch_agg}"},
-    )
-    if experts:
-        done = [experts[i].finalize(batch_agg, shape.moe_ffn) for i in sorted(experts)]
-        scores.experts = {kind: torch.stack([d[kind] for d in done]) for kind in ("reap", "frequency")}
-        scores.expert_ffn = torch.stack([d["neurons"] for d in done])
-        if not any(p.is_meta for p in model.parameters()):  # weights offloaded to disk: no cheap baseline
-            scores.experts["magnitude"] = magnitude_scores(model, experts_only=True).experts["magnitude"]
-    if shared:
-        scores.shared_ffn = torch.stack([shared[i].finalize(batch_agg) for i in sorted(shared)])
-    if mamba:
-        per_channel = torch.stack([mamba[i].finalize(batch_agg) for i in sorted(mamba)])
-        scores.mamba_heads = per_channel.view(len(mamba), shape.mamba_heads, shape.mamba_head_dim).norm(dim=-1)
+    scores = collectors.scores()
+    if scores.experts and not any(p.is_meta for p in model.parameters()):
+        scores.experts["magnitude"] = magnitude_scores(model, experts_only=True).experts["magnitude"]
     return scores
 
 
-def magnitude_scores(model, experts_only: bool = False) -> Scores:
+def magnitude_scores(model, experts_only: bool = False, tensors=None) -> Scores:
     """Baseline: the L2 norm of the weights that read or write each channel, neuron, head, expert.
 
     `experts_only` reads only the expert and router tensors (for the expert baseline
-    stored beside activation scores).
+    stored beside activation scores).  `tensors` ((name, tensor) pairs, in-memory names)
+    replaces the model's state dict, e.g. layer by layer from a streamed checkpoint; `model`
+    may then be its config.
     """
     adapter = get_adapter(model)
     shape = adapter.shape()
@@ -494,7 +522,7 @@ def magnitude_scores(model, experts_only: bool = False) -> Scores:
     def per_head(sq):  # inner channels -> Mamba heads
         return sq.view(nh, mhd).sum(-1)
 
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (tensors if tensors is not None else model.state_dict().items()):
         if adapter.is_ignored(name):
             continue
         layer, rule = adapter.tensor_rule(name)
@@ -683,7 +711,12 @@ def estimate_importance(
                 scores.meta["base_loss"] = base
             for k in block_sizes:
                 scores.block_losses[k] = block_removal_losses(model, heldout, k, batch_size, progress)
+    return stamp(scores, model.config, meta)
+
+
+def stamp(scores: Scores, config, meta: dict | None = None) -> Scores:
+    """Record what made the scores (`meta`), the slimlm version and the model's shape in their metadata."""
     scores.meta.update(meta or {})
     scores.meta.setdefault("slimlm_version", __version__)
-    scores.meta["shape"] = adapter.shape().as_dict()
+    scores.meta["shape"] = get_adapter(config).shape().as_dict()
     return scores

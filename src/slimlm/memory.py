@@ -417,8 +417,8 @@ def plan_distill(teacher, student, config, memory) -> MemoryPlan:
     """What `slimlm distill --dry-run` prints: the plan for distilling `teacher` into `student` (configs only)."""
     from .models import load_config
 
-    t_cfg = load_config(teacher) if teacher is not None else None
-    s_cfg = load_config(student)
+    t_cfg = load_config(teacher, weights=False) if teacher is not None else None
+    s_cfg = load_config(student, weights=False)
     return plan_distill_memory(t_cfg, s_cfg, micro_batch=config.micro_batch, seq_len=config.seq_len,
                                chunk_size=config.chunk_size, gradient_checkpointing=config.gradient_checkpointing,
                                **_setup(config, memory))
@@ -448,7 +448,7 @@ def plan_run(recipe, memory) -> list[tuple[str, MemoryPlan]]:
     r = recipe
     mem = memory if memory.accelerate_config or not r.run.accelerate_config else type(memory)(
         **{**memory.as_dict(), "accelerate_config": r.run.accelerate_config})
-    t_cfg = load_config(r.teacher)
+    t_cfg = load_config(r.teacher, weights=False)
     if r.mode == "prune":
         s_cfg = student_config(t_cfg, r.prune)
     else:  # the largest candidate the search may pick bounds the student

@@ -100,10 +100,19 @@ def _new_empty_model(config, dtype):
 
 
 def prune_model(model, plan: PrunePlan):
-    """A new, smaller model in memory (the original is left untouched)."""
+    """A new, smaller model in memory; it shares no tensor with the original, which is left untouched."""
     adapter = get_adapter(model)
     new_config = adapter.new_config(plan)
-    state = dict(prune_tensors(model.state_dict().items(), adapter, plan, new_config))
+    source = model.state_dict()
+    source_storages = {t.untyped_storage().data_ptr() for t in source.values() if t.device.type != "meta"}
+    state = {}
+    for name, tensor in prune_tensors(source.items(), adapter, plan, new_config):
+        # A tensor kept whole (KEEP axes, a plan that keeps everything) comes back as the
+        # source's own storage; the student must own every weight, or training it would
+        # change the teacher it learns from.
+        if tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in source_storages:
+            tensor = tensor.clone()
+        state[name] = tensor
     dtype = next(model.parameters()).dtype
     new = _new_empty_model(new_config, dtype)
     tied = adapter.shape(new_config).tied
@@ -177,7 +186,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     shards = checkpoint_shards(source_dir)
     if not shards:
         raise SlimlmError(f"{source_dir} has no safetensors weights to prune shard by shard")
-    config = AutoConfig.from_pretrained(source_dir)
+    config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
     adapter = get_adapter(config)
     new_config = adapter.new_config(plan)
     tied = adapter.shape(new_config).tied

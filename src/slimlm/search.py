@@ -1,10 +1,35 @@
-"""Architecture search (METHOD §5): uniform candidate shapes near a parameter target,
-each pruned from the same importance scores and briefly distilled, ranked by
-validation KL to the teacher.
+"""Architecture search (METHOD §5): candidate shapes near a parameter target, ranked by successive halving.
 
 Zero-shot rankings are unreliable (the paper's rankings changed until ~300 steps of
-distillation, then held), so every candidate gets the same short distillation.  One
-candidate is in memory at a time; a finished candidate is not redone after a restart.
+distillation, then held), so candidates are ranked by their validation KL to the teacher
+after a short distillation.  To try many shapes for the compute of a few, the distillation
+is spent in rungs (successive halving, Jamieson & Talwalkar 2016): every candidate is
+distilled briefly, the best 1/`reduction` (a third by default) continue from their checkpoint
+for a longer stretch, and so on until one is left, the winner.
+
+Compute accounting (`plan_ladder`): the budget is `search_budget` distillation tokens, i.e.
+S = search_budget // (global batch x seq_len) optimizer steps.  With n_r candidates in rung r
+(n_0 candidates, n_{r+1} = ceil(n_r / reduction), R rungs until one is left), each rung gets
+an equal share of what is left, ``(S - used) // (R - r)`` steps, split evenly over its n_r
+candidates; what rounding leaves goes to the later rungs.  So sum_r n_r x added_r <= S, and
+less than n_{R-1} steps stay unused.  The default budget, 160,000 tokens, is what the former
+search spent by default (8 candidates x 20,000 tokens).  At 4 x 512 tokens a step that is 78
+steps; 27 candidates would not get one step each in rung 0, so 26 run: 26 x 1 + 9 x 2 + 3 x 11
+= 77 steps, the three finalists having had 14 steps each (at 4 x 256 tokens a step: 156
+steps, 27 x 1 + 9 x 7 + 3 x 22 = 156).  When the budget cannot give every candidate of rung 0
+one step, fewer candidates run (the first of the spread, see `enumerate_candidates`).
+Validation (held-out windows, no backward) is not counted: every candidate is validated at
+step 0 and at the end of each of its rungs.  Each candidate runs the teacher itself for now;
+`_distill_candidate` is where a shared teacher-logits cache will take the teacher's place.
+
+Each candidate is one distillation planned for the last rung's length (so every candidate is
+at the same point of the same learning-rate schedule when it is compared) and stopped at the
+end of each rung (``stop_after``): a survivor resumes from its checkpoint with its optimizer
+state and data position, exactly as an uninterrupted run.  A rung's ranking is saved as soon
+as the rung is done (``rungs/rung-R.{json,md}``); a candidate's result in a rung
+(``candidates/NAME/rung-R.json``) is never redone after a restart, and eliminated candidates'
+checkpoints are deleted.  Disk: after rung 0 every candidate holds one checkpoint (weights and
+AdamW state, about 12 bytes per student parameter).
 """
 
 from __future__ import annotations
@@ -12,13 +37,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
 from .adapters import Adapter, Shape
 from .config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig, route_overrides
 from .errors import SlimlmError
+
+LADDER_FILE = "ladder.json"
 
 
 @dataclass(frozen=True)
@@ -42,13 +69,16 @@ def _grid(low: float, high: int, step: int) -> list[int]:
 
 def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchConfig | None = None,
                          **overrides) -> list[Candidate]:
-    """Uniform shapes within ±`tolerance` of `target_params`, closest first (settings: `SearchConfig`).
+    """Uniform shapes within ±`tolerance` of `target_params` (settings: `SearchConfig`).
 
     Grids: layers from (1 - max_depth_prune)·L to L; hidden and MLP sizes on multiples
     of `hidden_step` / `ffn_step` down to (1 - max_width_prune) of the original; query
     heads on multiples of the KV heads (or the original count with `prune_heads=False`;
     the paper kept heads when width-pruning).  Parameters are counted analytically.
-    `max_candidates` None keeps them all.
+    With `max_candidates` None, every qualifying shape, closest to the target first.
+    When more shapes qualify than `max_candidates`, a spread of them: the closest to the
+    target, then each time the shape farthest from those chosen (layers, hidden, MLP and
+    heads as fractions of the original); any prefix of the list is a spread too.
     """
     c = SearchConfig.make(config, **overrides)
     tolerance, max_width_prune, max_depth_prune = c.tolerance, c.max_width_prune, c.max_depth_prune
@@ -58,6 +88,9 @@ def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchCon
         raise SlimlmError(f"--target-params must be between 0 and the model's {adapter.param_count(s):,}")
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
+    for name, value in (("max-width-prune", max_width_prune), ("max-depth-prune", max_depth_prune)):
+        if not 0 <= value < 1:
+            raise SlimlmError(f"--{name} must be a fraction in [0, 1), got {value}")
     low_w = 1.0 - max_width_prune
     layers = range(max(1, math.ceil(s.layers * (1.0 - max_depth_prune))), s.layers + 1)
     hiddens = _grid(s.hidden * low_w, s.hidden, hidden_step)
@@ -80,54 +113,163 @@ def enumerate_candidates(adapter: Adapter, target_params: int, config: SearchCon
             f"(width ≤ {max_width_prune:.0%}, depth ≤ {max_depth_prune:.0%}); widen --tolerance or the caps"
         )
     out.sort(key=lambda c: (abs(c.params - target_params), -c.shape.layers, -c.shape.hidden))
-    return out[:max_candidates] if max_candidates else out
+    if not max_candidates or len(out) <= max_candidates:
+        return out
+    return _spread(out, s, max_candidates)
 
 
-def distill_candidates(teacher_model, tokenizer, scores, candidates: list[Candidate], out: Path, *, data,
-                       search_tokens: int, distill: DistillConfig, depth_metric: str = "block",
-                       progress: bool = True) -> list[dict]:
-    """Prune, briefly distill and score each candidate; results are cached per candidate."""
+def _spread(candidates: list[Candidate], source: Shape, k: int) -> list[Candidate]:
+    """`k` candidates far apart in shape (farthest-point sampling from the first one)."""
+    import numpy as np
+
+    x = np.array([[c.shape.layers / source.layers, c.shape.hidden / source.hidden, c.shape.ffn / source.ffn,
+                   c.shape.heads / source.heads] for c in candidates])
+    chosen = [0]
+    dist = np.linalg.norm(x - x[0], axis=1)
+    while len(chosen) < k:
+        i = int(np.argmax(dist))  # ties: the first, i.e. the closest to the target
+        chosen.append(i)
+        dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1))
+    return [candidates[i] for i in chosen]
+
+
+# ---- the ladder ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of successive halving: `candidates` distill `added` more steps each, to `steps` in all."""
+
+    index: int
+    candidates: int
+    added: int
+    steps: int
+
+
+def rung_sizes(n_candidates: int, reduction: int) -> list[int]:
+    """Candidates in each rung: n, ceil(n / reduction), ... down to the last rung before one is left."""
+    sizes = [n_candidates]
+    while sizes[-1] > 1:
+        sizes.append(math.ceil(sizes[-1] / reduction))
+    return sizes[:-1] if len(sizes) > 1 else sizes
+
+
+def plan_ladder(n_candidates: int, budget_steps: int, reduction: int) -> list[Rung]:
+    """The rungs for `n_candidates` and `budget_steps` optimizer steps in all (see the module doc).
+
+    Each rung gets an equal share of the steps still unspent; SlimlmError when a rung would
+    give its candidates no step at all.
+    """
+    sizes = rung_sizes(n_candidates, reduction)
+    rungs, used, steps = [], 0, 0
+    for r, n in enumerate(sizes):
+        added = (budget_steps - used) // (len(sizes) - r) // n
+        if added < 1:
+            raise SlimlmError(f"a search budget of {budget_steps} steps cannot give the {n} candidates of rung {r} "
+                              "one step each: raise --search-budget or lower --max-candidates")
+        steps += added
+        used += added * n
+        rungs.append(Rung(r, n, added, steps))
+    return rungs
+
+
+def fit_ladder(n_candidates: int, budget_steps: int, reduction: int) -> list[Rung]:
+    """`plan_ladder` for as many of the candidates as the budget gives one step each in every rung."""
+    for n in range(n_candidates, 0, -1):
+        try:
+            return plan_ladder(n, budget_steps, reduction)
+        except SlimlmError:
+            continue
+    raise SlimlmError(f"the search budget ({budget_steps} optimizer steps) is less than one step; "
+                      "raise --search-budget")
+
+
+def ladder_steps(rungs: list[Rung]) -> int:
+    """Optimizer steps the ladder spends in all: sum over rungs of candidates x added steps."""
+    return sum(r.candidates * r.added for r in rungs)
+
+
+# ---- running it ----------------------------------------------------------------------------------
+
+
+def _row(cand: Candidate, rung: Rung, result, plan, tokens_per_step: int) -> dict:
+    s = cand.shape
+    return {
+        "candidate": cand.name,
+        **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
+        "params": cand.params, "rung": rung.index, "steps": rung.steps, "tokens": rung.steps * tokens_per_step,
+        "val_kl": result.metrics.get("val_kl"), "val_lm_loss": result.metrics.get("val_lm_loss"),
+        "seconds": result.elapsed_s, "kept_layers": plan.kept_layers,
+    }
+
+
+def _by_kl(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["val_kl"] is None, r["val_kl"] if r["val_kl"] is not None else 0.0))
+
+
+def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung: Rung, final_steps: int, out: Path,
+             *, data, distill: DistillConfig, depth_metric: str = "block", progress: bool = True) -> list[dict]:
+    """Distill each candidate to `rung.steps` steps (resuming its checkpoint), validate it; ranked by val KL.
+
+    Every candidate's distillation is planned for `final_steps` (the last rung) and stopped at
+    the rung's end.  A candidate whose result for this rung exists is not run again.
+    """
     from .adapters import get_adapter
-    from .distill import distill as run_distill
+    from .training.checkpoint import latest_checkpoint
     from .plan import make_plan
     from .prune import prune_model
 
-    adapter = get_adapter(teacher_model)
-    source = adapter.shape()
-    results = []
+    source = get_adapter(teacher_model).shape()
+    tokens_per_step = (distill.global_batch or distill.micro_batch) * distill.seq_len
+    # One distillation per candidate, planned for the whole ladder: validated only where it stops
+    # (eval_every = its length), checkpointed only there (save_every 0).
+    config = distill.make(distill, tokens=final_steps * tokens_per_step, eval_every=final_steps, save_every=0,
+                          keep_checkpoints=1, stop_after=rung.steps if rung.steps < final_steps else None)
+    rows = []
     for i, cand in enumerate(candidates):
         folder = out / "candidates" / cand.name
-        done = folder / "result.json"
+        done = folder / f"rung-{rung.index}.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            rows.append(json.loads(done.read_text()))
             continue
         s = cand.shape
         targets = PruneConfig(hidden=s.hidden, ffn=s.ffn, heads=s.heads, layers=s.layers, depth_metric=depth_metric)
         plan = make_plan(scores, source, targets)
         student = prune_model(teacher_model, plan)
-        print(f"[search {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters", flush=True)
-        result = run_distill(teacher_model, student, data, folder / "student", search_tokens, distill,
-                             tokenizer=tokenizer, overwrite=True, progress=progress)
-        row = {
-            "candidate": cand.name,
-            **{k: v for k, v in s.as_dict().items() if k in ("layers", "hidden", "ffn", "heads", "kv_heads")},
-            "params": cand.params,
-            "val_kl": result.metrics.get("val_kl"),
-            "val_lm_loss": result.metrics.get("val_lm_loss"),
-            "tokens": result.tokens,
-            "seconds": result.elapsed_s,
-            "kept_layers": plan.kept_layers,
-        }
+        resume = latest_checkpoint(folder / "student" / "run") is not None
+        print(f"[search rung {rung.index}, {i + 1}/{len(candidates)}] {cand.name}: {cand.params / 1e6:.1f}M parameters, "
+              f"steps {rung.steps - rung.added} -> {rung.steps}", flush=True)
+        result = _distill_candidate(teacher_model, student, folder / "student", data, config, tokenizer,
+                                    resume=resume, progress=progress)
+        row = _row(cand, rung, result, plan, tokens_per_step)
         atomic_write_json(done, row)
-        results.append(row)
+        rows.append(row)
         del student
-    results.sort(key=lambda r: (r["val_kl"] is None, r["val_kl"]))
-    return results
+    return _by_kl(rows)
 
 
-def keep_winner(out: Path, results: list[dict]) -> Path:
-    """Copy the best candidate's briefly distilled student to OUT/winner; drop the others' weights."""
-    best = results[0]["candidate"]
+def _distill_candidate(teacher, student, folder: Path, data, config: DistillConfig, tokenizer, *, resume: bool,
+                       progress: bool):
+    """One candidate's distillation up to its rung's end.
+
+    The seam for a shared teacher-logits cache (`slimlm teacher-logits`): once the trainer reads
+    one, the candidates pass it here instead of the teacher model, and the teacher runs once for
+    the whole search instead of once per candidate and rung.
+    """
+    from .distill import distill as run_distill
+
+    return run_distill(teacher, student, data, folder, config=config, tokenizer=tokenizer, resume=resume,
+                       overwrite=not resume, progress=progress)
+
+
+def drop_checkpoints(out: Path, names: list[str]) -> None:
+    """Delete the training checkpoints of candidates that will not run again (their results stay)."""
+    for name in names:
+        shutil.rmtree(out / "candidates" / name / "student" / "run" / "checkpoints", ignore_errors=True)
+
+
+def keep_winner(out: Path, best: str) -> Path:
+    """Copy the winner's distilled student to OUT/winner (its run folder left behind)."""
     src = out / "candidates" / best / "student"
     dst = out / "winner"
     if dst.exists():
@@ -136,17 +278,53 @@ def keep_winner(out: Path, results: list[dict]) -> Path:
     return dst
 
 
-def write_ranking(out: Path, results: list[dict]) -> None:
-    """OUT/ranking.md (a Markdown table) and OUT/ranking.json."""
-    lines = ["| rank | candidate | layers | hidden | ffn | heads | parameters | val KL | val LM loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for i, row in enumerate(results, 1):
+def ranking_table(rows: list[dict], kept: int | None = None) -> list[str]:
+    """A Markdown table of ranked candidates (`kept`: how many of them go on to the next rung)."""
+    lines = ["| rank | candidate | layers | hidden | ffn | heads | parameters | steps | val KL | val LM loss |"
+             + (" next rung |" if kept is not None else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kept is not None else "")]
+    for i, row in enumerate(rows, 1):
         kl = f"{row['val_kl']:.4f}" if row["val_kl"] is not None else "-"
         lm = f"{row['val_lm_loss']:.4f}" if row["val_lm_loss"] is not None else "-"
         lines.append(f"| {i} | {row['candidate']} | {row['layers']} | {row['hidden']} | {row['ffn']} | {row['heads']} "
-                     f"| {row['params'] / 1e6:.1f}M | {kl} | {lm} |")
-    atomic_write_text(out / "ranking.md", "\n".join(lines) + "\n")
+                     f"| {row['params'] / 1e6:.2f}M | {row['steps']} | {kl} | {lm} |"
+                     + ((" yes |" if i <= kept else " |") if kept is not None else ""))
+    return lines
+
+
+def write_rung(out: Path, rung: Rung, rows: list[dict], kept: int) -> None:
+    """OUT/rungs/rung-R.json and .md: the rung's ranking and how many go on."""
+    atomic_write_json(out / "rungs" / f"rung-{rung.index}.json", {**asdict(rung), "kept": kept, "ranking": rows})
+    lines = [f"# Rung {rung.index}: {rung.candidates} candidates at {rung.steps} steps ({rung.added} added each); "
+             f"{kept} kept", ""] + ranking_table(rows, kept)
+    atomic_write_text(out / "rungs" / f"rung-{rung.index}.md", "\n".join(lines) + "\n")
+
+
+def overall_ranking(rung_rows: list[list[dict]]) -> list[dict]:
+    """Every candidate once, at the last rung it ran: the winner first, then by rung reached and val KL."""
+    last = {}
+    for rows in rung_rows:
+        for row in rows:
+            last[row["candidate"]] = row
+    return sorted(last.values(), key=lambda r: (-r["rung"], r["val_kl"] is None,
+                                                r["val_kl"] if r["val_kl"] is not None else 0.0))
+
+
+def write_ranking(out: Path, results: list[dict]) -> None:
+    """OUT/ranking.md (a Markdown table) and OUT/ranking.json: every candidate at the last rung it ran."""
+    atomic_write_text(out / "ranking.md", "\n".join(ranking_table(results)) + "\n")
     atomic_write_json(out / "ranking.json", results)
+
+
+def _ladder_record(model: str, candidates: list[Candidate], rungs: list[Rung], c: SearchConfig, d: DistillConfig,
+                   imp: ImportanceConfig, tokens_per_step: int, budget_steps: int) -> dict:
+    """What a search folder was made with (OUT/ladder.json); a restart must find the same."""
+    return {
+        "teacher": str(model), "candidates": [{"name": x.name, "params": x.params} for x in candidates],
+        "rungs": [asdict(r) for r in rungs], "tokens_per_step": tokens_per_step, "budget_steps": budget_steps,
+        "steps_used": ladder_steps(rungs), "search": c.as_dict(), "distill": d.as_dict(),
+        "data": imp.data, "text_field": imp.text_field,
+    }
 
 
 def search(
@@ -159,24 +337,28 @@ def search(
     scores: str | Path | None = None,
     loaded=None,
     progress: bool = True,
+    overwrite: bool = False,
     **overrides,
 ) -> dict:
     """The whole search: what `slimlm search` and the pipeline's search stage run.
 
     Enumerates candidate shapes near `config.target_params`, scores importance (or reuses
     `scores`, default OUT/scores.safetensors when it exists), adds the contiguous-block losses
-    the depth candidates need, distills every candidate for `search_tokens` with the `distill`
-    settings (its data is `importance.data`, calibration windows use the distillation's seq_len),
-    writes OUT/ranking.{md,json} and keeps the winner's student in OUT/winner.  Keyword overrides
-    go to whichever config declares them.  `loaded` is the teacher already in memory.  Returns
-    {"output", "ranking", "winner", "winner_path", "candidates"}.
+    the depth candidates need, then runs the successive-halving ladder (module doc) with the
+    `distill` settings (its data is `importance.data`; calibration windows use the
+    distillation's seq_len).  Writes OUT/ladder.json (the plan), OUT/rungs/rung-R.{json,md}
+    (each rung's ranking), OUT/ranking.{md,json} (every candidate at its last rung) and the
+    winner's student in OUT/winner.  A folder holding a search with other settings is refused,
+    or cleared with `overwrite`.  Keyword overrides go to whichever config declares them.
+    `loaded` is the teacher already in memory.  Returns {"output", "ranking", "rungs", "winner",
+    "winner_path", "candidates", "scores", "steps_used", "budget_steps"}.
     """
     from . import api
-    from ._io import check_writable_output
+    from ._io import check_not_an_input, check_writable_output, probe_writable
     from .adapters import get_adapter
     from .data import check_source
     from .importance import Scores
-    from .models import load_config, load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer, pick_dtype
 
     made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
                            importance=(ImportanceConfig, importance))
@@ -186,28 +368,73 @@ def search(
     api.check_importance_config(imp)
     # -- every check before any output exists -------------------------------------------------
     out = Path(output).expanduser()
-    if not (out / "candidates").is_dir():  # a search folder is resumable: only a fresh one must be new
-        check_writable_output(out, overwrite=False)
-    adapter = get_adapter(loaded.config if loaded is not None else load_config(model))
+    pick_dtype(d.dtype)
+    model_config = loaded.config if loaded is not None else load_config(model)
+    adapter = get_adapter(model_config)
     candidates = enumerate_candidates(adapter, int(c.target_params), c)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and d.seq_len > limit:
+        raise SlimlmError(f"--seq-len {d.seq_len} is past the model's limit of {limit} positions")
+    check_not_an_input(out, (model, scores))
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"the search output {out} is not a folder; choose another --output")
+    probe_writable(out, what="search folder")
+    tokens_per_step = (d.global_batch or d.micro_batch) * d.seq_len
+    budget_steps = c.search_budget // tokens_per_step
+    rungs = fit_ladder(len(candidates), budget_steps, c.reduction)
+    candidates = candidates[: rungs[0].candidates]
+    record = _ladder_record(model, candidates, rungs, c, d, imp, tokens_per_step, budget_steps)
+    previous = json.loads((out / LADDER_FILE).read_text()) if (out / LADDER_FILE).exists() else None
+    if previous is not None and previous != json.loads(json.dumps(record, default=str)):
+        if not overwrite:
+            raise SlimlmError(f"{out} holds a search with other settings; choose another folder (or pass overwrite)")
+        for name in ("candidates", "rungs", "winner"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        previous = None
+    if previous is None and not (out / "candidates").is_dir():  # a search folder is resumable: a fresh one must be new
+        check_writable_output(out, overwrite=overwrite)
     check_source(imp.data, imp.text_field)
-    scores_path = Path(scores) if scores else out / "scores.safetensors"
+    scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"
+    if scores and not scores_path.exists():
+        raise SlimlmError(f"scores file not found: {scores}")
     given = Scores.load(scores_path) if scores_path.exists() else None
     if given is not None:
         given.check_matches(adapter.shape())
-    # -- work ----------------------------------------------------------------------------------
+    # -- work: a search that fails before its first result leaves no folder behind --------------
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
-    tok = load_tokenizer(model)
-    calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False)
-    sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher, overwrite=True,
-                                                        progress=progress)
-    depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
-    if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
-        sc.save(scores_path)
-    ranking = distill_candidates(teacher, tok, sc, candidates, out, data=imp.data, search_tokens=c.search_tokens,
-                                 distill=d, progress=progress)
+    try:
+        atomic_write_json(out / LADDER_FILE, record)
+        teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
+        tok = load_tokenizer(model)
+        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False, offload="none")  # the teacher is in memory to distill
+        sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher,
+                                                            overwrite=True, progress=progress)
+        depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
+        if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
+            sc.save(scores_path)
+    except BaseException:
+        # Only the plan was written (a computed scores file is kept: the rerun reuses it).
+        if created and {p.name for p in out.iterdir()} <= {LADDER_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if progress:
+        print(f"search: {len(candidates)} candidates, rungs " + ", ".join(
+            f"{r.candidates} x {r.steps} steps" for r in rungs) + f"; {ladder_steps(rungs)} of {budget_steps} "
+            f"steps ({tokens_per_step:,} tokens each)", flush=True)
+    alive, per_rung = candidates, []
+    final_steps = rungs[-1].steps
+    for i, rung in enumerate(rungs):
+        rows = run_rung(teacher, tok, sc, alive, rung, final_steps, out, data=imp.data, distill=d, progress=progress)
+        kept = rungs[i + 1].candidates if i + 1 < len(rungs) else 1
+        write_rung(out, rung, rows, kept)
+        per_rung.append(rows)
+        survivors = {row["candidate"] for row in rows[:kept]}
+        drop_checkpoints(out, [x.name for x in alive if x.name not in survivors or i + 1 == len(rungs)])
+        alive = [x for x in alive if x.name in survivors]
+    ranking = overall_ranking(per_rung)
     write_ranking(out, ranking)
-    winner = keep_winner(out, ranking)
-    return {"output": str(out), "ranking": ranking, "winner": ranking[0], "winner_path": str(winner),
-            "candidates": len(candidates), "scores": str(scores_path)}
+    winner = keep_winner(out, per_rung[-1][0]["candidate"])
+    return {"output": str(out), "ranking": ranking, "rungs": per_rung, "winner": per_rung[-1][0],
+            "winner_path": str(winner), "candidates": len(candidates), "scores": str(scores_path),
+            "steps_used": ladder_steps(rungs), "budget_steps": budget_steps}

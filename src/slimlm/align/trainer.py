@@ -273,9 +273,11 @@ class AlignRecipe:
 
     def _check_output(self) -> None:
         folder = self.folder
-        folder.refuse_inputs(str(self.source))
+        folder.refuse_inputs(str(self.source), what="the input model")
         has_checkpoint = folder.settings_file.exists() and self._has_checkpoint()
-        folder.check_start(resume=self.resume, overwrite=self.overwrite, has_checkpoint=has_checkpoint)
+        c = self.c
+        folder.check_start(resume=self.resume, overwrite=self.overwrite, has_checkpoint=has_checkpoint,
+                           inputs=(self.spec, c.sft, c.prefs, c.chat_template_from))
 
     def _check_seq_len(self, limit: int | None) -> int:
         if self.c.seq_len is None:

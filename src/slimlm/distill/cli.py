@@ -1,4 +1,4 @@
-"""`slimlm distill` and `slimlm correct-teacher`: thin wrappers over `slimlm.distill`.
+"""`slimlm distill`, `slimlm correct-teacher` and `slimlm teacher-logits`: thin wrappers over `slimlm.distill`.
 
 Imports stay light here (no torch) so that `slimlm --help` is fast; the trainer loads on use.
 """
@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .._cli import DryRun, JsonOut, Overwrite, Quiet, Resume, emit_json, print_memory_plans, settings_command
-from ..config import CorrectConfig, DistillConfig, MemoryConfig, parse_count
+from .._cli import DryRun, JsonOut, Model, Overwrite, Quiet, Resume, emit_json, print_memory_plans, settings_command
+from ..config import CorrectConfig, DistillConfig, MemoryConfig, TeacherLogitsConfig, parse_count
 
 __all__ = ["register", "parse_count"]
 
@@ -80,7 +80,25 @@ def correct_teacher_command(
     _report(result, as_json, "corrected teacher")
 
 
+@settings_command
+def teacher_logits_command(
+    teacher: Model,
+    output: Annotated[str, typer.Option("--output", "-o", help="Cache folder (continued or extended when it exists).")],
+    config: TeacherLogitsConfig,
+    overwrite: Overwrite = False,
+    as_json: JsonOut = False,
+    quiet: Quiet = False,
+):
+    """Run the teacher once over a distillation's windows; store its top-K log-probabilities (resumable, extendable)."""
+    from .teacher_logits import write_cache
+
+    result = write_cache(teacher, output, config, overwrite=overwrite, progress=not quiet)
+    if as_json:
+        emit_json(result)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `distill` and `correct-teacher` commands to the slimlm CLI."""
+    """Add the `distill`, `correct-teacher` and `teacher-logits` commands to the slimlm CLI."""
     app.command("distill")(distill_command)
     app.command("correct-teacher")(correct_teacher_command)
+    app.command("teacher-logits")(teacher_logits_command)

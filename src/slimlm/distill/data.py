@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._io import atomic_write_text
 from ..data import DEFAULT_CORPUS, adds_bos
 from ..errors import SlimlmError
 
@@ -76,12 +76,7 @@ def chat_text_source(source, tokenizer, cache_dir: str | os.PathLike) -> str:
     path = Path(cache_dir) / f"chat-{key}.jsonl"
     if not path.exists():
         texts = render_chat_texts(read_conversations(source, need_assistant=False), tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".chat-", suffix=".jsonl", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in texts))
     return str(path)
 
 
@@ -310,15 +305,11 @@ def build_training_data(
     bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seq_len - 1 if bos_id is not None else seq_len
     weights = [w for _, w in sources]
-    shares = [0] * len(sources) if eval_source is not None else _apportion(heldout, weights)
     parts, held = [], []
-    for (name, weight), share in zip(sources, shares):
-        target = max(1, math.ceil(need * weight - 1e-9))
+    for (name, _), (target, share) in zip(sources, window_plan(need, weights, heldout, eval_source is not None)):
         shards = token_shards(name, tokenizer, (target + share) * body, text_field=text_field, cache=cache,
                               progress=progress)
-        total = min(len(shards) // body, target + share)
-        n_held = min(share, total // 5)
-        n_train = total - n_held
+        n_train, n_held = split_windows(len(shards) // body, target, share)
         if n_train < 1:
             raise SlimlmError(f"data source {name} gives no training windows of {seq_len} tokens")
         parts.append(SourceWindows(shards, seq_len, bos_id, 0, n_train))
@@ -334,6 +325,26 @@ def build_training_data(
         held.append(SourceWindows(shards, seq_len, bos_id, 0, n).rows(np.arange(n)))
     held_rows = np.concatenate(held) if held else np.empty((0, seq_len), dtype=np.int64)
     return TrainingData(parts, [n for n, _ in sources], weights, seed), held_rows
+
+
+def window_plan(need: int, weights: Sequence[float], heldout: int, separate_eval: bool) -> list[tuple[int, int]]:
+    """(training windows wanted, held-out windows wanted) of each source, for `need` training windows.
+
+    Source i is asked for ``ceil(need * weight_i)`` training windows and, unless the held-out
+    windows come from a separate source, its share of the `heldout` windows.
+    """
+    shares = [0] * len(weights) if separate_eval else _apportion(heldout, weights)
+    return [(max(1, math.ceil(need * w - 1e-9)), share) for w, share in zip(weights, shares)]
+
+
+def split_windows(available: int, wanted: int, share: int) -> tuple[int, int]:
+    """(training, held-out) windows of a source holding `available` windows (held-out right after training).
+
+    A source shorter than asked gives all it has, with at most a fifth of it held out.
+    """
+    total = min(available, wanted + share)
+    n_held = min(share, total // 5)
+    return total - n_held, n_held
 
 
 def _apportion(total: int, weights: Sequence[float]) -> list[int]:

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -43,7 +42,7 @@ from .data import build_training_data, chat_text_source, describe_sources, parse
 from .export import export_student
 from .loss import check_loss_name
 from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
-from .tokens import default_token_cache
+from .tokens import usable_token_cache
 
 __all__ = ["distill", "correct_teacher", "DistillRecipe", "DistillResult", "NonFiniteLossError", "schedule",
            "effective_warmup"]
@@ -204,7 +203,7 @@ class DistillRecipe:
             raise SlimlmError("distillation needs a teacher")
         self.loss, self.hidden_loss = check_settings(c)
         self.sources = parse_sources(self.c.data, c.data_weights)
-        self.token_cache = Path(c.token_cache).expanduser() if c.token_cache is not None else default_token_cache()
+        self.token_cache = usable_token_cache(c.token_cache)
         self.batch = plan_batch(c.micro_batch, c.global_batch)
         self.total_steps = max(1, math.ceil(c.tokens / (self.batch.global_batch * c.seq_len)))
         self.warmup_steps = effective_warmup(c.warmup, self.total_steps)
@@ -230,8 +229,9 @@ class DistillRecipe:
     def _check_output(self) -> None:
         self.folder.refuse_inputs(self.t_spec, self.s_spec)
         self.checkpoint = latest_checkpoint(self.folder.run)
-        self.folder.check_start(resume=self.resume, overwrite=self.overwrite,
-                                has_checkpoint=self.checkpoint is not None, where=self.folder.run / "checkpoints")
+        inputs = (self.t_spec, self.s_spec, self.c.eval_data, *(s for s, _ in self.sources))
+        self.folder.check_start(resume=self.resume, overwrite=self.overwrite, has_checkpoint=self.checkpoint is not None,
+                                where=self.folder.run / "checkpoints", inputs=inputs)
         if not self.resume:
             self.checkpoint = None
 
@@ -412,7 +412,9 @@ class DistillRecipe:
             self.last_eval = self._validate(0)
         record = self._loop(end_step)
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
-        if end_step < self.total_steps:  # stopped early on purpose: checkpoint, no export
+        if end_step < self.total_steps:  # stopped early on purpose: validate there (unless just done), checkpoint
+            if self.eval_every and end_step % self.eval_every and end_step > self.start_step:
+                self.last_eval = self._validate(end_step)  # the result (and the search's ranking) reports this model
             self.last_checkpoint = self._checkpoint(end_step, elapsed)
             self.monitor.close()
             return self._result(end_step, False, self.last_eval, elapsed)

@@ -6,7 +6,9 @@ section appears only when its input is there:
   depth metric, head and neuron heatmaps, the hidden-channel score distribution;
 - ``metrics.jsonl`` (from `slimlm distill`): training and validation curves;
 - ``eval.json`` (from `slimlm eval`, in model folders; models that ``slimlm.json``
-  names as source/teacher/student are followed): the before/after table.
+  names as source/teacher/student are followed): the before/after table;
+- ``ladder.json`` and ``rungs/rung-R.json`` (from `slimlm search`): one ranking table per
+  rung of the search (the candidates' own training curves are left out).
 
 The HTML page embeds its images (base64) and opens offline; the Markdown links PNG
 files written beside it.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_not_an_input, probe_writable
 from ..errors import SlimlmError
 from .compare import comparison_rows, model_name
 from .runner import EVAL_FILE, load_results
@@ -114,6 +116,20 @@ class Run:
     scores: list[tuple[Path, dict]] = field(default_factory=list)
     metrics: list[tuple[Path, list[dict]]] = field(default_factory=list)
     evals: list[tuple[Path, dict]] = field(default_factory=list)
+    searches: list[tuple[Path, list[dict]]] = field(default_factory=list)  # (search folder, its rungs)
+
+
+def read_rungs(folder: Path) -> list[dict]:
+    """The saved rungs of a search folder (``rungs/rung-R.json``), in order; unreadable ones skipped."""
+    rungs = []
+    for p in folder.glob("rungs/rung-*.json"):
+        try:
+            rung = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rung, dict) and isinstance(rung.get("ranking"), list) and isinstance(rung.get("index"), int):
+            rungs.append(rung)
+    return sorted(rungs, key=lambda r: r["index"])
 
 
 def collect_run(run_dir: str | os.PathLike, extra_evals: Sequence[str | os.PathLike] = ()) -> Run:
@@ -126,7 +142,14 @@ def collect_run(run_dir: str | os.PathLike, extra_evals: Sequence[str | os.PathL
         scores = read_scores(p)
         if scores is not None and scores["tensors"]:
             run.scores.append((p, scores))
+    for p in find_files(root, lambda n: n == "ladder.json"):
+        rungs = read_rungs(p.parent)
+        if rungs:
+            run.searches.append((p.parent, rungs))
+    search_folders = [folder for folder, _ in run.searches]
     for p in find_files(root, lambda n: n == "metrics.jsonl"):
+        if any(folder in p.parents for folder in search_folders):
+            continue  # dozens of short candidate runs: the rung tables say what matters
         records = read_metrics(p)
         if records:
             run.metrics.append((p, records))
@@ -378,6 +401,26 @@ def chat_rows(evals: list[tuple[Path, dict]], width: int = 400) -> tuple[list[st
     return header, rows
 
 
+def search_tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of each rung of each search in the run."""
+    header = ["rank", "candidate", "layers", "hidden", "ffn", "heads", "parameters", "steps", "val KL", "next rung"]
+    tables = []
+    for folder, rungs in run.searches:
+        where = "" if folder == run.root else f" ({folder.relative_to(run.root)})"
+        for rung in rungs:
+            last = rung.get("kept") == 1  # the final rung keeps only the winner (every other keeps 2 or more)
+            rows = []
+            for i, row in enumerate(rung["ranking"], 1):
+                kl = row.get("val_kl")
+                fate = ("winner" if i == 1 else "") if last else ("yes" if i <= rung.get("kept", 0) else "")
+                rows.append([str(i), str(row.get("candidate")), str(row.get("layers")), str(row.get("hidden")),
+                             str(row.get("ffn")), str(row.get("heads")), f"{(row.get('params') or 0) / 1e6:.2f}M",
+                             str(row.get("steps")), f"{kl:.4f}" if isinstance(kl, (int, float)) else "-", fate])
+            tables.append((f"Search{where}, rung {rung['index']}: {rung.get('candidates')} candidates at "
+                           f"{rung.get('steps')} steps", header, rows))
+    return tables
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -401,7 +444,7 @@ def _sections(run: Run) -> list[tuple[str, list[Figure], str]]:
     return sections
 
 
-def render_html(title: str, table, sections, chat=None, notes: Sequence[str] = ()) -> str:
+def render_html(title: str, table, sections, chat=None, notes: Sequence[str] = (), search=()) -> str:
     """The report as one HTML page with its images inline."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
@@ -412,6 +455,12 @@ def render_html(title: str, table, sections, chat=None, notes: Sequence[str] = (
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
         parts += [f"<p>{esc(n)}</p>" for n in notes]
+    if search:
+        parts.append("<h2>Search (successive halving, ranked by validation KL to the teacher)</h2>")
+    for heading, header, rows in search:
+        parts.append(f"<h3>{esc(heading)}</h3><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     for heading, figs, note in sections:
         parts.append(f"<h2>{esc(heading)}</h2>" + (f"<p>{esc(note)}</p>" if note else ""))
         for f in figs:
@@ -427,7 +476,7 @@ def render_html(title: str, table, sections, chat=None, notes: Sequence[str] = (
     return "\n".join(parts)
 
 
-def render_markdown(title: str, table, sections, chat=None, notes: Sequence[str] = ()) -> str:
+def render_markdown(title: str, table, sections, chat=None, notes: Sequence[str] = (), search=()) -> str:
     """The report as Markdown; images are the PNG files named after each figure."""
     md = [f"# {title}", ""]
     if table is not None:
@@ -436,6 +485,12 @@ def render_markdown(title: str, table, sections, chat=None, notes: Sequence[str]
         md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         md.append("")
         md += [x for n in notes for x in (n, "")]
+    if search:
+        md += ["## Search (successive halving, ranked by validation KL to the teacher)", ""]
+    for heading, header, rows in search:
+        md += [f"### {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        md.append("")
     for heading, figs, note in sections:
         md += [f"## {heading}", ""] + ([note, ""] if note else [])
         for f in figs:
@@ -460,16 +515,14 @@ def write_report(
     """
     run = collect_run(run_dir, extra_evals)
     out = Path(output).expanduser() if output is not None else run.root / "report"
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
+    if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
         # The folder is replaced whole: never one that holds something else.
         raise SlimlmError(f"{out} exists and is not a slimlm report folder; choose another --output")
-    probe = out.parent if not out.exists() else out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise SlimlmError(f"cannot write the report to {out}: permission denied (choose another with --output)")
-    if not (run.scores or run.metrics or run.evals):
-        raise SlimlmError(f"nothing to report in {run.root}: no *scores*.safetensors, metrics.jsonl or eval.json found")
+    check_not_an_input(out, [run.root, *extra_evals])
+    probe_writable(out, what="report")
+    if not (run.scores or run.metrics or run.evals or run.searches):
+        raise SlimlmError(f"nothing to report in {run.root}: no *scores*.safetensors, metrics.jsonl, eval.json or "
+                          "search rungs found")
     sections = _sections(run)
     table = comparison_rows([r for _, r in run.evals], [model_name(r, p) for p, r in run.evals]) if run.evals else None
     title = f"slimlm report: {run.root.resolve().name}"
@@ -479,8 +532,9 @@ def write_report(
             (tmp / f"{f.name}.png").write_bytes(f.png)
         chat = chat_rows(run.evals)
         notes = comparison_notes(run.evals)
-        (tmp / "report.html").write_text(render_html(title, table, sections, chat, notes), encoding="utf-8")
-        (tmp / "report.md").write_text(render_markdown(title, table, sections, chat, notes), encoding="utf-8")
+        search = search_tables(run)
+        (tmp / "report.html").write_text(render_html(title, table, sections, chat, notes, search), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(title, table, sections, chat, notes, search), encoding="utf-8")
     return {
         "output": str(out),
         "html": str(out / "report.html"),
@@ -489,4 +543,5 @@ def write_report(
         "scores": [str(p) for p, _ in run.scores],
         "metrics": [str(p) for p, _ in run.metrics],
         "evals": [str(p) for p, _ in run.evals],
+        "searches": [str(p) for p, _ in run.searches],
     }

@@ -50,14 +50,16 @@ class RunFolder:
         return self.settings_file.exists() and not self.finished()
 
     # ---- checks before any work ------------------------------------------------------------
-    def refuse_inputs(self, *specs) -> None:
-        """SlimlmError when the output folder is one of the input models (it would be replaced)."""
+    def refuse_inputs(self, *specs, what: str = "one of the input models") -> None:
+        """SlimlmError when the output folder is one of the input models (it would be replaced), resumed or not."""
         for spec in specs:
             if spec and Path(spec).expanduser().exists() and Path(spec).expanduser().resolve() == self.out.resolve():
-                raise SlimlmError(f"the output {self.out} is one of the input models; choose another folder")
+                raise SlimlmError(f"the output {self.out} is {what}; choose another folder")
 
-    def check_start(self, *, resume: bool, overwrite: bool, has_checkpoint: bool, where: Path | None = None) -> None:
-        """The output can take this run: something to resume, or a folder that may be (over)written."""
+    def check_start(self, *, resume: bool, overwrite: bool, has_checkpoint: bool, where: Path | None = None,
+                    inputs=()) -> None:
+        """The output can take this run: something to resume, or a folder that may be (over)written and
+        replaces none of the command's `inputs` (model folders, data files)."""
         if resume:
             if not has_checkpoint:
                 raise SlimlmError(f"nothing to resume in {self.out} (no checkpoint under {where or self.run})")
@@ -68,7 +70,7 @@ class RunFolder:
                                   "--overwrite")
             raise SlimlmError(f"output {self.out} holds an unfinished run that has no checkpoint: pass --overwrite "
                               "to start again")
-        check_writable_output(self.out, overwrite=overwrite)
+        check_writable_output(self.out, overwrite=overwrite, inputs=inputs)
 
     def check_same_run(self, settings: dict) -> None:
         """--resume must continue the same run: the settings that shape training must match the recorded ones."""

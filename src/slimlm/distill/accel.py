@@ -1,32 +1,22 @@
-"""Accelerate glue for distillation: the frozen teacher's placement (the rest is in `slimlm.training.setup`)."""
+"""Accelerate glue for distillation's sharded backends (the rest is in `slimlm.training.setup`)."""
 
 from __future__ import annotations
 
 from ..errors import SlimlmError
 
 
-def prepare_teacher(accelerator, teacher):
-    """Place (and under FSDP2 / ZeRO-3, shard) the frozen teacher without giving it an optimizer."""
+def check_fsdp_version(accelerator) -> None:
+    """SlimlmError under FSDP version 1: slimlm's sharded layout is FSDP2's (`fully_shard`)."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    if accelerator.distributed_type == DistributedType.FSDP and \
+            getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise SlimlmError("slimlm supports FSDP version 2 only (set fsdp_version: 2 in the accelerate config)")
 
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise SlimlmError("slimlm supports FSDP version 2 only (set fsdp_version: 2 in the accelerate config)")
-        return fsdp2_prepare_model(accelerator, teacher).eval()
-    if kind == DistributedType.DEEPSPEED:
-        import copy
 
-        import deepspeed
+def set_deepspeed_micro_batch(accelerator, micro_batch: int) -> None:
+    """Under DeepSpeed, give the engine slimlm's --micro-batch (Accelerate takes it from a dataloader; slimlm has none)."""
+    from accelerate.utils import DistributedType
 
-        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        for key in ("optimizer", "scheduler"):
-            config.pop(key, None)
-        stage = config.get("zero_optimization", {}).get("stage", 0)
-        if stage != 3:  # ZeRO 1/2 shard only optimizer state: a frozen teacher is simply replicated
-            config["zero_optimization"] = {"stage": 0}
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        return engine.eval()
-    return teacher.to(accelerator.device)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch

@@ -37,11 +37,11 @@ from ..training.precision import Precision
 from ..training.run_folder import RunFolder
 from ..training.schedule import default_save_every, effective_warmup, schedule
 from ..training.setup import accelerate_released, make_accelerator, plan_batch, shards_parameters
-from .accel import prepare_teacher
+from .accel import check_fsdp_version, set_deepspeed_micro_batch
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
 from .export import export_student
 from .loss import check_loss_name
-from .modules import StudentObjective, TeacherForward, lm_head, parse_layer_map
+from .modules import Distillation, StudentObjective, TeacherForward, parse_layer_map
 from .tokens import usable_token_cache
 
 __all__ = ["distill", "correct_teacher", "DistillRecipe", "DistillResult", "NonFiniteLossError", "schedule",
@@ -290,6 +290,7 @@ class DistillRecipe:
         self.accelerator = make_accelerator(self.batch, self.precision.mixed)
         self.main = self.accelerator.is_main_process
         with accelerate_released():
+            check_fsdp_version(self.accelerator)
             self._setup_folder()
             has_checkpoint = lambda: latest_checkpoint(self.folder.run) is not None  # noqa: E731
             with self.folder.removed_on_failure(has_checkpoint, enabled=self.main):
@@ -351,27 +352,29 @@ class DistillRecipe:
             enable()
         student.config.use_cache = False
         student.train()
-        # Under FSDP2 / ZeRO-3 weights are gathered by module calls: the loss checkpoints its chunks
-        # instead of fusing the head's weight in (the one place this choice is made).
+        # Under FSDP2 / ZeRO-3 AdamW keeps torch's default implementation (sharded parameters).
         self.sharded = shards_parameters(acc)
-        self._warn_fsdp()
-        self.objective = StudentObjective(
+        self._warn_sharded()
+        objective = StudentObjective(
             student, c.mode, self.loss, c.temperature, c.ce_weight, self.hidden_loss, self.pairs, c.hidden_weight,
-            self.t_cfg.hidden_size if teacher is not None else None, c.chunk_size, fused=not self.sharded,
+            self.t_cfg.hidden_size if teacher is not None else None, c.chunk_size,
         )
-        self.teacher_model, self.teacher_fwd, self.teacher_head = teacher, None, None
+        # One module runs teacher, student and loss: under FSDP2 / ZeRO-3 it is the root, so every
+        # sharded module is called inside the root's forward (see Distillation).
+        taps = tuple(t for _, t in self.pairs)
+        self.model = Distillation(objective, TeacherForward(teacher, taps) if teacher is not None else None)
 
-    def _warn_fsdp(self) -> None:
-        from accelerate.utils import DistributedType
-
-        if self.main and self.accelerator.distributed_type == DistributedType.FSDP:
-            print("warning: FSDP2 has not yet passed a GPU run of slimlm (it failed once with torch 2.11; "
-                  "see configs/accelerate/README.md); one GPU or DDP are tested", file=sys.stderr, flush=True)
+    def _warn_sharded(self) -> None:
+        acc = self.accelerator
+        if self.main and self.sharded and acc.device.type != "cpu":
+            print(f"note: slimlm's {acc.distributed_type.value} path is tested on CPU processes (torch 2.11 and 2.13) "
+                  "but not yet confirmed on GPUs (bench/gpu.sh, part 5; configs/accelerate/README.md)",
+                  file=sys.stderr, flush=True)
 
     def _setup_optimizer(self) -> None:
-        """AdamW and the warm-up + cosine schedule; the objective, optimizer and teacher prepared by Accelerate."""
+        """AdamW and the warm-up + cosine schedule; the model and optimizer prepared by Accelerate."""
         acc, c = self.accelerator, self.c
-        params = [p for p in self.objective.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]  # the teacher is frozen: no optimizer state
         # The fused AdamW kernel (CPU and GPU) steps all parameters at once: ~3x faster than the
         # per-tensor loop torch picks on CPU.  Sharded parameters keep torch's default implementation.
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=c.weight_decay,
@@ -380,17 +383,16 @@ class DistillRecipe:
         # The scheduler is stepped once per optimizer step by the loop (prepare() would step it per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                            lambda s: schedule(s, total, lr, min_lr, warmup) / lr)
-        self.objective, self.optimizer = acc.prepare(self.objective, optimizer)
-        if self.teacher_model is not None:
-            self.teacher_fwd = prepare_teacher(acc, TeacherForward(self.teacher_model, tuple(t for _, t in self.pairs)))
-            self.teacher_head = lm_head(acc.unwrap_model(self.teacher_fwd).hf_model)
+        set_deepspeed_micro_batch(acc, c.micro_batch)
+        with self.model.teacher_in_state_dict():  # FSDP2 loads every shard, the teacher's too, from the main process
+            self.model, self.optimizer = acc.prepare(self.model, optimizer)
 
     def _setup_state(self) -> None:
         """Start (or resume) the step counters, the data position and the metrics file."""
         self.start_step, self.elapsed_before, self.last_eval, self.data_start = 0, 0.0, {}, 0
         self.last_checkpoint = str(self.checkpoint) if self.checkpoint is not None else None
         if self.checkpoint is not None:
-            state = load_checkpoint(self.accelerator, self.checkpoint, self.objective, self.optimizer, self.scheduler)
+            state = load_checkpoint(self.accelerator, self.checkpoint, self.model, self.optimizer, self.scheduler)
             self.start_step, self.elapsed_before = state["step"], state.get("elapsed_s", 0.0)
             self.last_eval = state.get("eval", {})
             # The data position is part of the checkpoint: the stream position of the next window
@@ -423,7 +425,7 @@ class DistillRecipe:
             self.last_checkpoint = self._checkpoint(self.total_steps, elapsed)
         self.monitor.close()
         metrics = {**final, "train_loss": record["loss"] if record is not None else None}
-        export_student(self.accelerator, self.objective, self.tok, self.folder.out,
+        export_student(self.accelerator, self.model, self.tok, self.folder.out,
                        self._provenance(metrics, elapsed), self.precision.compute)
         return self._result(self.total_steps, True, metrics, elapsed)
 
@@ -457,10 +459,8 @@ class DistillRecipe:
         stats = grad_norm = None
         for m in range(b.accumulation):
             ids = self.data.windows(first + m * b.micro_batch, b.micro_batch).to(acc.device)
-            with acc.accumulate(self.objective):
-                t_hidden, t_taps = self.teacher_fwd(ids) if (self.teacher_fwd is not None and c.mode == "kd") \
-                    else (None, None)
-                res = self.objective(ids, t_hidden, t_taps, self.teacher_head)
+            with acc.accumulate(self.model):
+                res = self.model(ids)
                 acc.backward(res["loss"])
                 sums += torch.stack([res["loss"].detach().float(), res["kd"].float(), res["ce"].float(),
                                      res["kl"].float(), res["hidden"].float()])
@@ -487,7 +487,7 @@ class DistillRecipe:
         """Clip, step AdamW and the schedule; NonFiniteLossError on a NaN/inf loss or gradient norm (1-based `step`)."""
         if not torch.isfinite(loss):
             raise self._diverged(step, "loss")
-        grad_norm = self.accelerator.clip_grad_norm_(self.objective.parameters(), self.c.clip)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.c.clip)
         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
             raise self._diverged(step, "gradient norm")
         self.optimizer.step()
@@ -524,15 +524,15 @@ class DistillRecipe:
     def _validate(self, step: int) -> dict:
         if not len(self.held):
             return {}
-        metrics = validation_metrics(self.accelerator, self.objective, self.teacher_fwd, self.teacher_head,
-                                     self.held, self.c.micro_batch)
+        metrics = validation_metrics(self.accelerator, self.model, self.t_cfg is not None, self.held,
+                                     self.c.micro_batch)
         self.monitor.log({"event": "eval", "step": step, "tokens": step * self.tokens_per_step, **metrics})
         return metrics
 
     def _checkpoint(self, step: int, elapsed: float) -> str:
         run_state = {"step": step, "tokens": step * self.tokens_per_step, "elapsed_s": elapsed, "eval": self.last_eval,
                      "total_steps": self.total_steps, "data_position": step * self.batch.global_batch}
-        path = save_checkpoint(self.accelerator, self.folder.run, step, self.objective, self.optimizer,
+        path = save_checkpoint(self.accelerator, self.folder.run, step, self.model, self.optimizer,
                                self.scheduler, run_state, keep=self.c.keep_checkpoints)
         return str(path)
 
@@ -572,20 +572,19 @@ class DistillRecipe:
 
 
 @torch.no_grad()
-def validation_metrics(accelerator, objective, teacher_fwd, teacher_head, held, micro_batch: int) -> dict:
+def validation_metrics(accelerator, model, use_teacher: bool, held, micro_batch: int) -> dict:
     """Held-out forward KL to the teacher (temperature 1) and the student's LM loss, averaged over tokens."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = held[rank::world]
-    objective.eval()
+    model.eval()
     sums = torch.zeros(4, device=accelerator.device)
     for i in range(0, len(mine), micro_batch):
         ids = torch.from_numpy(mine[i:i + micro_batch].astype("int64")).to(accelerator.device)
-        t_hidden = teacher_fwd(ids)[0] if teacher_fwd is not None else None
-        sums += objective(ids, t_hidden, None, teacher_head, metrics=True)
-    objective.train()
+        sums += model(ids, metrics=True)
+    model.train()
     sums = accelerator.reduce(sums, "sum")
     lm = (sums[1] / sums[3]).item()
     metrics = {"val_lm_loss": lm, "val_ppl": math.exp(min(lm, 50.0))}
-    if teacher_fwd is not None:
+    if use_teacher:
         metrics = {"val_kl": (sums[0] / sums[2]).item(), **metrics}
     return metrics

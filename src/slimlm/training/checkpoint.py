@@ -74,8 +74,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if shards_parameters(accelerator):
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed would also store its partitions of the frozen teacher; the teacher is an input, not state.
+        extra = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         with _quiet("accelerate.utils.other"):
-            accelerator.save_state(str(tmp))  # no custom objects are registered: no pickled ones written
+            accelerator.save_state(str(tmp), **extra)  # no custom objects are registered: no pickled ones written
     elif main:  # one process or DDP: every process holds the same weights and optimizer state
         _save_model(accelerator.unwrap_model(model), tmp)
         _save_optimizer(optimizer, tmp)

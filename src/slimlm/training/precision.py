@@ -6,7 +6,9 @@ in memory, e.g. a search candidate pruned from a bf16 teacher):
 - the trained model holds fp32 weights, so AdamW updates fp32 master weights;
 - with a bf16 / fp16 compute dtype (``--dtype auto`` on GPUs), mixed precision runs the
   forward and backward under autocast in that dtype (Accelerate's ``mixed_precision``);
-- frozen models (the teacher, DPO's reference) are loaded in the compute dtype;
+- frozen models (the teacher, DPO's reference) are loaded in the compute dtype; a frozen model
+  passed as an object runs in the dtype it has (casting it would change the caller's model,
+  e.g. the teacher a search prunes every candidate from);
 - the exported model is written in the compute dtype.
 
 On CPUs ``auto`` is fp32 (bf16 is several times slower there), so nothing is cast.

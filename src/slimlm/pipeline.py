@@ -149,7 +149,7 @@ def distill_stage(r: Recipe, run: RunFolder) -> dict:
 
 def align_stage(r: Recipe, run: RunFolder) -> dict:
     from .align import align
-    from .align.trainer import resumable
+    from .training import resumable
 
     a = r.align
     run.log(f"stage align: SFT on {a.sft}" + (f", then DPO on {a.prefs}" if a.prefs else ""))
@@ -401,9 +401,9 @@ def train(r: Recipe, what: str, teacher, student, out: Path, config: DistillConf
     import torch
 
     from .distill import DistillResult, correct_teacher, distill
+    from .training import resumable
 
-    ckpts = Path(out) / "run" / "checkpoints"
-    resume = ckpts.is_dir() and any(ckpts.iterdir()) and not (Path(out) / "slimlm.json").exists()
+    resume = resumable(out)
     accel = r.run.accelerate_config
     if not (accel and torch.cuda.device_count() > 1):
         if what == "correct":

@@ -215,7 +215,7 @@ def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung
     the rung's end.  A candidate whose result for this rung exists is not run again.
     """
     from .adapters import get_adapter
-    from .distill.checkpoint import latest_checkpoint
+    from .training.checkpoint import latest_checkpoint
     from .plan import make_plan
     from .prune import prune_model
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimlmError
-from .loss import IGNORE_INDEX, as_head, kd_loss
+from .loss import IGNORE_INDEX, CheckpointedKDLoss, FusedKDLoss, PlainKDLoss, as_head
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -143,9 +143,13 @@ class StudentObjective(nn.Module):
         self.mode, self.loss_name, self.temperature = mode, loss, temperature
         self.ce_weight, self.hidden_loss, self.hidden_weight = ce_weight, hidden_loss, hidden_weight
         self.layer_map = list(layer_map or [])
-        # fused: see kd_loss; it needs the head weight as a plain tensor, so it falls back to the
-        # checkpointed chunks by itself where a weight is partitioned (ZeRO-3).
         self.chunk_size, self.fused = chunk_size, fused
+        # The training loss: FusedKDLoss needs the head weight as a plain local tensor (one process, DDP,
+        # FSDP2's root unit) and falls back to checkpointed chunks by itself where a weight is
+        # partitioned (ZeRO-3); fused=False forces CheckpointedKDLoss.
+        loss_class = FusedKDLoss if fused else CheckpointedKDLoss
+        self.train_loss = loss_class("none", chunk_size=chunk_size) if mode == "lm" else \
+            loss_class(loss, temperature, ce_weight, chunk_size)
         hs = student.config.hidden_size
         # Width-pruned students have fewer hidden channels than the teacher: a learned linear map
         # (trained with the student, not exported) brings them to the teacher's width.
@@ -166,19 +170,13 @@ class StudentObjective(nn.Module):
         if logit_scale(self.hf_model) != 1.0:
             flat = flat * logit_scale(self.hf_model)
         t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
-        if metrics:
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels,
-                          loss="kl" if t_flat is not None else "none", temperature=1.0, ce_weight=1.0,
-                          chunk_size=self.chunk_size, recompute=False)
+        if metrics:  # called under no_grad: the plain chunks keep nothing
+            kind = "kl" if t_flat is not None else "none"
+            out = PlainKDLoss(kind, 1.0, 1.0, self.chunk_size)(flat, lm_head(self.hf_model), t_flat, teacher_head,
+                                                              labels=labels)
             return torch.stack([out.kl * out.n_tokens, out.ce * out.n_labels,
                                 flat.new_tensor(out.n_tokens), flat.new_tensor(out.n_labels)]).float()
-        if self.mode == "lm":
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss="none",
-                          chunk_size=self.chunk_size, fused=self.fused)
-        else:
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss=self.loss_name,
-                          temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size,
-                          fused=self.fused)
+        out = self.train_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels)
         loss = out.loss
         h_loss = loss.new_zeros(())
         if tap:

@@ -233,7 +233,7 @@ class Study:
 
     @staticmethod
     def _checkpoint_step(run_out: Path) -> int | None:
-        from slimlm.distill.checkpoint import latest_checkpoint
+        from slimlm.training.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(run_out / "run")
         if ckpt is None:

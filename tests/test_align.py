@@ -172,6 +172,52 @@ def test_align_resume_gives_the_same_weights_and_takes_the_teachers_template(fil
     assert meta["chat_template"]["from"] == str(files["teacher"])
 
 
+def test_align_resume_unpickles_nothing_from_the_run_folder(files, tmp_path):
+    """The Trainer's checkpoint files are read as tensors only (weights_only): a crafted object is refused in one
+    line, never run; files it does not read on resume (training_args.bin, Accelerate's pickles) stay unread."""
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    from slimlm.align import align
+    from slimlm.errors import SlimlmError
+
+    class Payload:  # creates `marker` when unpickled: stands for any code a crafted file could run
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    marker = tmp_path / "pwned"
+    kw = dict(tokens=150, seq_len=64, micro_batch=2, lr=1e-3, progress=False, tensorboard=False)
+    part = align(str(files["model"]), files["sft"], tmp_path / "part", stop_after=1, save_every=0, **kw)
+    ckpt = Path(part.checkpoint)
+    for name in ("training_args.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        (ckpt / name).write_bytes(pickle.dumps(Payload()))
+    shutil.copy(ckpt / "rng_state.pth", tmp_path / "rng_state.pth")
+    (ckpt / "rng_state.pth").write_bytes(pickle.dumps({"python": Payload()}, protocol=2))
+    with pytest.raises(SlimlmError, match="not plain tensors"):
+        align(str(files["model"]), files["sft"], tmp_path / "part", resume=True, **kw)
+    assert not marker.exists() and ckpt.exists()  # refused, and the checkpoint is kept
+    shutil.copy(tmp_path / "rng_state.pth", ckpt / "rng_state.pth")
+    done = align(str(files["model"]), files["sft"], tmp_path / "part", resume=True, **kw)
+    assert done.complete and not marker.exists()
+
+
+def test_align_that_fails_before_its_first_checkpoint_removes_what_it_wrote(files, tmp_path, monkeypatch):
+    import slimlm.align.trainer as trainer
+    from slimlm.align import align
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("failed in the first step")
+
+    kw = dict(tokens=150, seq_len=64, micro_batch=2, progress=False, tensorboard=False)
+    monkeypatch.setattr(trainer, "_apply_budget", boom)
+    with pytest.raises(RuntimeError, match="first step"):
+        align(str(files["model"]), files["sft"], tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert align(str(files["model"]), files["sft"], tmp_path / "out", **kw).complete  # no --overwrite needed
+
+
 @pytest.mark.parametrize(
     "case, match",
     [

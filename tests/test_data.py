@@ -59,3 +59,21 @@ def test_packing_bos_and_determinism(text_file):
 def test_too_little_text(text_file):
     with pytest.raises(SlimlmError, match="gives only"):
         pack_windows(str(text_file), tiny_tokenizer(), 64, 10_000)
+
+
+def test_binary_files_are_refused_and_text_with_a_stray_latin1_byte_is_read(tmp_path):
+    import gzip
+    import random
+
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress(b"plain words " * 500))
+    utf16 = tmp_path / "wide.txt"
+    utf16.write_text("plain words " * 50, encoding="utf-16")
+    for path in (garbage, packed, utf16):
+        with pytest.raises(SlimlmError, match="not UTF-8 text"):
+            list(iter_texts(str(path)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait, ".encode("latin-1") + b"plain words " * 100)
+    assert list(iter_texts(str(latin1)))[0].startswith("caf\ufffd au lait")

@@ -15,8 +15,10 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 
 from slimlm.data import pack_windows
 from slimlm.distill import distill, kd_loss, naive_kd_loss
-from slimlm.distill.trainer import NonFiniteLossError, effective_warmup, schedule
+from slimlm.distill.loss import CheckpointedKDLoss, FusedKDLoss, PlainKDLoss
+from slimlm.distill.trainer import NonFiniteLossError
 from slimlm.errors import SlimlmError
+from slimlm.training.schedule import effective_warmup, schedule
 
 SEQ = 32
 FAST = dict(seq_len=SEQ, micro_batch=4, progress=False, tensorboard=False)
@@ -37,14 +39,18 @@ def _loss_inputs(dtype=torch.float32, seed=0):
     )
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
+LOSS_CLASSES = [FusedKDLoss, CheckpointedKDLoss, PlainKDLoss]
+
+
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("kind", ["kl", "reverse-kl", "jsd", "none"])
 @pytest.mark.parametrize("temperature,ce_weight,softcap", [(1.0, 0.0, None), (2.0, 0.5, None), (2.0, 0.5, 3.0)])
-def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softcap, fused):
+def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softcap, loss_class):
+    """Each loss class gives the naive full-logit loss and its gradients (values and autograd of `naive_kd_loss`)."""
     x = _loss_inputs()
-    out = kd_loss(x["hs"], x["w"], x["ht"], x["wt"], student_bias=x["b"], labels=x["labels"], mask=x["mask"],
-                  loss=kind, temperature=temperature, ce_weight=ce_weight, chunk_size=8, student_softcap=softcap,
-                  fused=fused)
+    loss_fn = loss_class(kind, temperature, ce_weight, chunk_size=8)
+    out = loss_fn(x["hs"], x["w"], x["ht"], x["wt"], student_bias=x["b"], labels=x["labels"], mask=x["mask"],
+                  student_softcap=softcap)
     # a non-unit upstream gradient (as under loss scaling / accumulation) must scale every gradient
     grads = torch.autograd.grad(out.loss * 3.0, [x["hs"], x["w"], x["b"]])
     s_logits = x["hs"] @ x["w"].T + x["b"]
@@ -59,6 +65,19 @@ def test_chunked_loss_equals_full_logit_loss(kind, temperature, ce_weight, softc
     assert out.n_tokens == int(x["mask"].sum())
     ref_kl = naive_kd_loss(s_logits.detach(), x["ht"] @ x["wt"].T, mask=x["mask"], loss="kl", temperature=temperature)
     torch.testing.assert_close(out.kl, ref_kl / temperature**2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused,recompute,want", [(True, True, FusedKDLoss), (False, True, CheckpointedKDLoss),
+                                                  (False, False, PlainKDLoss)])
+def test_kd_loss_picks_the_class(monkeypatch, fused, recompute, want):
+    called = []
+    for cls in LOSS_CLASSES:
+        original = cls.compute
+        monkeypatch.setattr(cls, "compute", lambda self, x, original=original: called.append(type(self)) or
+                            original(self, x))
+    x = _loss_inputs()
+    kd_loss(x["hs"], x["w"], x["ht"], x["wt"], chunk_size=8, fused=fused, recompute=recompute)
+    assert called[0] is want
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -303,6 +322,106 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(models, tmp_path):
     assert (out / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").exists()
     assert not (out / "slimlm.json").exists()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_wrote(models, tmp_path):
+    """NaN at step 1: no metrics.jsonl, run/config.json or TensorBoard files are left, so the rerun needs no flag."""
+    from transformers import AutoModelForCausalLM
+
+    broken = AutoModelForCausalLM.from_pretrained(models["student"])
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    kw = dict(tokens=4 * 4 * SEQ, eval_every=2, heldout=4, save_every=2, tokenizer=tiny_tokenizer(),
+              **{**FAST, "tensorboard": True})
+    out = tmp_path / "new"
+    with pytest.raises(NonFiniteLossError, match="step 1.*no checkpoint was written yet"):
+        distill(models["teacher"], broken, models["data"], out, **kw)
+    assert not out.exists()
+    # an output folder that existed (empty) before the run is kept, empty
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NonFiniteLossError):
+        distill(models["teacher"], broken, models["data"], tmp_path / "empty", **kw)
+    assert list((tmp_path / "empty").iterdir()) == []
+    # the corrected rerun needs neither --overwrite nor --resume
+    assert distill(models["teacher"], models["student"], models["data"], out, **kw).complete
+
+
+class _Payload:
+    """A pickle that creates `path` when it is unpickled: stands for any code a crafted file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant_pickles(folder, marker, names):
+    import pickle
+
+    for name in names:
+        (folder / name).write_bytes(pickle.dumps(_Payload(marker)))
+
+
+def test_resume_never_unpickles_files_of_the_run_folder(models, tmp_path):
+    """Accelerate's pickle names (custom objects, RNG, optimizer, scheduler) planted in a checkpoint are never read."""
+    import pickle
+
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(probe)))  # the payload is live: unpickling it runs code
+    assert probe.exists()
+
+    marker = tmp_path / "pwned"
+    kw = dict(tokens=4 * 4 * SEQ, lr=2e-3, warmup=1, eval_every=0, save_every=0, **FAST)
+    distill(models["teacher"], models["student"], models["data"], tmp_path / "a", **kw)
+    part = distill(models["teacher"], models["student"], models["data"], tmp_path / "b", stop_after=2, **kw)
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-00000002"
+    assert part.checkpoint == str(ckpt)
+    assert not [p.name for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin", ".pt", ".pth")]  # nothing pickled
+    _plant_pickles(ckpt, marker, ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin",
+                                  "scheduler.bin", "pytorch_model.bin", "scaler.pt"])
+    done = distill(models["teacher"], models["student"], models["data"], tmp_path / "b", resume=True, **kw)
+    assert done.complete and not marker.exists()
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the resume is still exact
+
+    # A checkpoint in Accelerate's pickled layout (an older slimlm) is refused in one line, unread.
+    distill(models["teacher"], models["student"], models["data"], tmp_path / "c", stop_after=2, **kw)
+    old = tmp_path / "c" / "run" / "checkpoints" / "step-00000002"
+    for f in old.glob("optimizer.*"):
+        f.unlink()
+    _plant_pickles(old, marker, ["optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"])
+    with pytest.raises(SlimlmError, match="older slimlm"):
+        distill(models["teacher"], models["student"], models["data"], tmp_path / "c", resume=True, **kw)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_in_memory_bf16_student_trains_fp32_master_weights_like_one_from_disk(models, tmp_path, dtype):
+    """A bf16 model object (e.g. pruned in memory from a bf16 teacher) follows the precision rules of a path:
+    AdamW steps fp32 weights (bf16 only as autocast compute), the export is in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16).save_pretrained(tmp_path / "disk-student")
+    tiny_tokenizer().save_pretrained(tmp_path / "disk-student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "disk-student", dtype=torch.bfloat16)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    kw = dict(tokens=2 * 4 * SEQ, lr=2e-3, warmup=1, eval_every=0, save_every=0, dtype=dtype, **FAST)
+    dtypes, mem, disk = [], [], []
+
+    def watch(record):
+        dtypes.append({p.dtype for p in student.parameters()})
+        mem.append(record["loss"])
+
+    distill(models["teacher"], student, models["data"], tmp_path / "mem", tokenizer=tiny_tokenizer(), on_step=watch,
+            **kw)
+    distill(models["teacher"], str(tmp_path / "disk-student"), models["data"], tmp_path / "disk",
+            on_step=lambda r: disk.append(r["loss"]), **kw)
+    assert dtypes == [{torch.float32}] * 2  # trained in place, as fp32 master weights
+    assert mem == disk
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
+    assert {v.dtype for v in a.values()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_hidden_cosine_loss_with_a_narrower_student(models, tmp_path):

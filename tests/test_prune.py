@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, NEW_DENSE_FAMILIES, NEW_FAMILIES, tiny_model
 from slimlm.adapters import get_adapter
 from slimlm.errors import SlimlmError
 from slimlm.importance import random_scores
@@ -211,3 +211,27 @@ def test_shapes_transformers_cannot_load_are_refused():
 
     with pytest.raises(SlimlmError, match="divisible"):
         adapter.validate_shape(target_shape(PruneConfig(hidden=32, heads=3), adapter.shape()))
+
+
+WIDTH = {"hidden": 36, "ffn": 40, "heads": 3}
+
+
+@pytest.mark.parametrize("family, targets", [(f, {}) for f in FAMILIES + NEW_FAMILIES] + [
+    (f, WIDTH) for f in FAMILIES + NEW_DENSE_FAMILIES], ids=lambda v: v if isinstance(v, str) else ("width" if v else "keep-all"))
+def test_training_the_pruned_student_leaves_the_teacher_unchanged(family, targets):
+    """Every tensor of a model pruned in memory owns its storage (KEEP axes too): one AdamW step on
+    the student leaves the teacher bitwise unchanged."""
+    teacher = tiny_model(family)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = prune_model(teacher, _plan(teacher, **targets))
+    teacher_storages = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    shared = [k for k, t in student.state_dict().items() if t.untyped_storage().data_ptr() in teacher_storages]
+    assert not shared
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    student(IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())  # it trained
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ._io import check_writable_output
+from ._io import check_not_an_input, check_writable_output
 from .adapters import get_adapter
 from .config import DEFAULT_CORPUS, ImportanceConfig, PruneConfig, route_overrides
 from .data import check_source, pack_windows
 from .errors import SlimlmError
 from .importance import IMPORTANCE_KINDS, Scores, estimate_importance, parse_aggregation
-from .models import load_config, load_model, load_tokenizer, resolve_model_path
+from .models import check_device_map, load_config, load_model, load_tokenizer, pick_dtype, resolve_model_path
 from .plan import make_plan, target_shape, validate_targets
 from .prune import checkpoint_shards, prune_checkpoint, provenance, save_pruned_model
 
@@ -44,7 +44,7 @@ def info(model: str) -> dict:
     `active_parameters` counts what one token uses (of the routed experts only the
     top-k); it equals `parameters` for a dense model.
     """
-    config = load_config(model)
+    config = load_config(model, weights=False)
     adapter = get_adapter(config)
     shape = adapter.shape()
     params = count_parameters(config)
@@ -99,17 +99,51 @@ def add_block_losses(scores: Scores, net, tokenizer, ks, config: ImportanceConfi
     return need
 
 
+OFFLOAD_CHOICES = ("auto", "layers", "none")
+
+
 def check_importance_config(c: ImportanceConfig) -> None:
     """The checks of an importance config that its declaration cannot express."""
+    pick_dtype(c.dtype)
+    check_device_map(c.device_map)
     if c.kind not in IMPORTANCE_KINDS:
         raise SlimlmError(f"unknown importance '{c.kind}' (choose from {', '.join(IMPORTANCE_KINDS)})")
     parse_aggregation(c.aggregation)
+    if c.offload not in OFFLOAD_CHOICES:
+        raise SlimlmError(f"--offload expects one of {', '.join(OFFLOAD_CHOICES)}, got '{c.offload}'")
 
 
 def _check_seq_len(config, seq_len):
     limit = getattr(config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise SlimlmError(f"--seq-len {seq_len} is past the model's limit of {limit} positions")
+
+
+def streams_layers(model: str, c: ImportanceConfig, model_config, loaded=None) -> bool:
+    """Whether the importance pass streams the decoder layers (`--offload`): forced, or the weights would not fit."""
+    if loaded is not None or c.kind == "random" or c.offload == "none":
+        return False
+    if c.offload == "auto":
+        from .models import pick_dtype
+        from .streaming import should_stream
+
+        if not should_stream(model_config, pick_dtype(c.dtype)):
+            return False
+    source = Path(resolve_model_path(model))
+    if not (source.is_dir() and checkpoint_shards(source)):
+        if c.offload == "layers":
+            raise SlimlmError(f"--offload layers reads a local safetensors checkpoint; {model} is not one")
+        return False
+    return True
+
+
+def _check_streamable(c: ImportanceConfig, depth_loss: bool, block_sizes) -> None:
+    if depth_loss or block_sizes:
+        metric = "loss" if depth_loss else "block"
+        raise SlimlmError(
+            f"the '{metric}' depth metric runs the whole model with layers removed, which cannot stream one layer at "
+            "a time; with the layers streamed, Block Importance ('bi') comes from the same pass (use --depth-metric bi "
+            "or --drop-layers, --no-depth-loss), or run where the model fits (--offload none)")
 
 
 def importance(
@@ -124,16 +158,20 @@ def importance(
 ) -> Scores:
     """Estimate importance scores for `model` and (optionally) save them to `output`.
 
-    `loaded` is the model already in memory (then `model` only names it); `depth_loss` None
-    (the default) measures the one-layer-out LM loss, as a standalone scores file may serve any
-    later pruning.
+    `loaded` is the model already in memory (then `model` only names it).  `depth_loss` None (the
+    default) measures the one-layer-out LM loss, as a standalone scores file may serve any later
+    pruning, unless the layers stream (`offload`: a model larger than memory is read one decoder
+    layer at a time, see `slimlm.streaming`; that metric then needs `--offload none`).
     """
     c = ImportanceConfig.make(config, **overrides)
     check_importance_config(c)
     if output is not None:
-        check_writable_output(output, overwrite)
+        check_writable_output(output, overwrite, inputs=(model,), folder=False)
     net_config = load_config(model) if loaded is None else loaded.config
-    shape = get_adapter(net_config).shape()
+    if output is not None and loaded is None:
+        check_not_an_input(output, [resolve_model_path(model)])  # an alias or a .gguf resolves to a cached folder
+    adapter = get_adapter(net_config)
+    shape = adapter.shape()
     for k in c.block_sizes:
         if not 0 < k < shape.layers:
             raise SlimlmError(f"--block-sizes {k}: can remove between 1 and {shape.layers - 1} layers")
@@ -141,35 +179,53 @@ def importance(
     if needs_data:
         _check_seq_len(net_config, c.seq_len)
         check_source(c.data, c.text_field)
-    net = loaded if loaded is not None else load_model(model, dtype=c.dtype, device_map=c.device_map or _default_device_map())
+    stream = streams_layers(model, c, net_config, loaded)
+    depth_loss = (not stream) if c.depth_loss is None else c.depth_loss
+    if stream:
+        _check_streamable(c, depth_loss, c.block_sizes)
     windows = held = None
     if needs_data:
         tok = load_tokenizer(model)
         windows, held = calibration_windows(tok, c.data, c.seq_len, c.calib_samples, c.heldout, c.seed, c.text_field)
-    scores = estimate_importance(
-        net,
-        windows,
-        importance=c.kind,
-        aggregation=c.aggregation,
-        heldout=held,
-        depth_loss=True if c.depth_loss is None else c.depth_loss,
-        block_sizes=tuple(c.block_sizes),
-        batch_size=c.batch_size,
-        seed=c.seed,
-        progress=progress,
-        meta={
-            "model": model,
-            "data": c.data or DEFAULT_CORPUS,
-            "text_field": c.text_field,
-            "calib_samples": c.calib_samples if needs_data else 0,
-            "heldout": c.heldout if needs_data else 0,
-            "seq_len": c.seq_len,
-            "seed": c.seed,
-        },
-    )
+    meta = {
+        "model": model,
+        "data": c.data or DEFAULT_CORPUS,
+        "text_field": c.text_field,
+        "calib_samples": c.calib_samples if needs_data else 0,
+        "heldout": c.heldout if needs_data else 0,
+        "seq_len": c.seq_len,
+        "seed": c.seed,
+    }
+    if stream:
+        scores = _streamed_importance(model, c, net_config, windows, progress, meta)
+    else:
+        net = loaded if loaded is not None else load_model(model, dtype=c.dtype,
+                                                             device_map=c.device_map or _default_device_map())
+        scores = estimate_importance(net, windows, importance=c.kind, aggregation=c.aggregation, heldout=held,
+                                     depth_loss=depth_loss, block_sizes=tuple(c.block_sizes), batch_size=c.batch_size,
+                                     seed=c.seed, progress=progress, meta=meta)
     if output is not None:
         scores.save(output)
     return scores
+
+
+def _streamed_importance(model, c: ImportanceConfig, net_config, windows, progress: bool, meta: dict) -> Scores:
+    import sys
+
+    from .importance import parse_aggregation, stamp
+    from .models import pick_dtype
+    from .streaming import available_memory, model_bytes, streamed_scores
+
+    dtype = pick_dtype(c.dtype)
+    free = available_memory()
+    why = "as asked" if c.offload == "layers" else (
+        f"the weights need {model_bytes(net_config, dtype) / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are available")
+    print(f"importance: streaming the decoder layers one at a time from the checkpoint ({why})", file=sys.stderr,
+          flush=True)
+    scores = streamed_scores(resolve_model_path(model), c.kind, windows, aggregation=parse_aggregation(c.aggregation),
+                             batch_size=c.batch_size, progress=progress, dtype=dtype)
+    scores.meta["streamed"] = True
+    return stamp(scores, net_config, meta)
 
 
 def _source_dtype(config):
@@ -212,11 +268,17 @@ class _PruneJob:
                  overwrite: bool, progress: bool):
         check_importance_config(calib)
         self.model, self.targets, self.calib, self.progress = model, targets, calib, progress
-        self.out = check_writable_output(output, overwrite)
+        # No output may replace an input: the model, its folder, the scores file (updating the
+        # scores file it reads with --save-scores is fine: the new one holds all the old one did).
+        reads = (model,) if isinstance(scores, Scores) else (model, scores)
+        self.out = check_writable_output(output, overwrite, inputs=reads)
         self.save_scores = save_scores
         if save_scores is not None:
-            check_writable_output(save_scores, overwrite=True)
+            if Path(save_scores).expanduser().resolve() == self.out.resolve():
+                raise SlimlmError(f"--save-scores {save_scores} is the output folder; choose another file")
+            check_writable_output(save_scores, overwrite=True, inputs=(model,), folder=False)
         self.config = load_config(model)
+        check_not_an_input(self.out, [resolve_model_path(model)])  # an alias or a .gguf resolves to a cached folder
         self.adapter = get_adapter(self.config)
         self.shape = self.adapter.shape()
         validate_targets(targets, self.shape)
@@ -233,6 +295,11 @@ class _PruneJob:
             self.given.check_matches(self.shape)
             if targets.depth_metric in ("loss", "bi") and self.k_drop and self._activation(self.given):
                 self.given.depth(targets.depth_metric)  # errors now if missing
+        self.stream = self._needs_forward() and streams_layers(model, calib, self.config)
+        if self.stream and self._block_missing():
+            _check_streamable(calib, False, [self.k_drop])
+        if self.stream and self.given is None and self.k_drop and targets.depth_metric == "loss":
+            _check_streamable(calib, True, [])
         if self._needs_forward():
             _check_seq_len(self.config, calib.seq_len)
             check_source(calib.data, calib.text_field)
@@ -268,7 +335,7 @@ class _PruneJob:
             need_block = self.k_drop > 0 and t.depth_metric == "block"
             scores = importance(self.model, config=c, depth_loss=depth_loss,
                                 block_sizes=(self.k_drop,) if need_block else (), progress=self.progress,
-                                loaded=self._load())
+                                loaded=None if self.stream else self._load())
         else:
             scores = self.given
             if self._block_missing():

@@ -179,7 +179,7 @@ def _shape_table(folder: Path) -> list[str]:
 
         from .adapters import get_adapter
 
-        adapter = get_adapter(AutoConfig.from_pretrained(folder))
+        adapter = get_adapter(AutoConfig.from_pretrained(folder, trust_remote_code=False))
         shape = adapter.shape()
         params = adapter.param_count(shape)
         row = [config.get("model_type"), shape.layers, shape.hidden, shape.ffn, shape.heads, shape.kv_heads,
@@ -323,11 +323,12 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, stri
 
 def refresh_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
     """What `slimlm card` runs: (re)write the model card of a checkpoint folder slimlm wrote."""
+    from ._io import probe_writable
     from .errors import SlimlmError
+    from .models import check_checkpoint
 
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise SlimlmError(f"{path} is not a model folder (no config.json)")
+    path = check_checkpoint(folder, weights=False)  # an invalid config.json gets no card
+    probe_writable(path / "README.md", what="model card")
     written = write_model_card(path, repo_id, strict=True)
     if written is None:
         raise SlimlmError(f"{path / 'README.md'} was not written by slimlm; not replacing it")

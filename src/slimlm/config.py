@@ -17,6 +17,7 @@ by one function each below and used as the field of every class that has them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -207,10 +208,13 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def check_bounds(f: dataclasses.Field, value, name: str) -> None:
-    """The declared lower bounds of a setting (`min`, `above`); SlimlmError naming it."""
+    """The declared lower bounds of a setting (`min`, `above`); SlimlmError naming it.  No setting
+    takes NaN or infinity ('--lr inf' parses as a float but would only train to NaN)."""
     low, above = f.metadata.get("min"), f.metadata.get("above")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SlimlmError(f"{name} must be a finite number, got {value}")
     if low is not None and not value >= low:
         raise SlimlmError(f"{name} must be at least {low:g}, got {value}")
     if above is not None and not value > above:
@@ -240,6 +244,10 @@ class ImportanceConfig(Settings):
     device_map: Optional[str] = setting(
         None, "Accelerate device map, e.g. 'auto' to spread a large model over GPUs and CPU (default: auto when a "
               "GPU is present).")
+    offload: str = setting(
+        "auto", "layers: read the decoder layers one at a time from the checkpoint (memory: one layer, the "
+                "embeddings and the calibration hidden states); auto: do so when the model would not fit in "
+                "memory; none: load the whole model.")
 
 
 @dataclass(frozen=True)

@@ -54,15 +54,19 @@ def builtin_corpus(name: str = "python-docs") -> list[str]:
 
 
 def _files_of(source: str) -> list[Path]:
-    if any(ch in source for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))]
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+    try:
+        if any(ch in source for ch in "*?["):
+            files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))]
         else:
-            files = [path]
-    return [f for f in files if f.is_file()]
+            path = Path(source).expanduser()
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+            else:
+                files = [path]
+        return [f for f in files if f.is_file()]
+    except OSError as exc:  # a folder with unreadable parts (e.g. --data /)
+        raise SlimlmError(f"cannot read the data folder {source}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -91,10 +95,27 @@ def _rows_from_dataset(ds, text_field: str, source: str) -> Iterator[tuple[str, 
             yield value, (i + 1) / n if n else None
 
 
+def check_is_text(path: Path, sample_bytes: int = 1 << 16) -> None:
+    """Refuse a file that is not text (binary data, a compressed archive, a UTF-16 file): it would
+    be tokenized as garbage and trained on.  Looks at its first `sample_bytes` bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(sample_bytes)
+    except OSError as exc:
+        raise SlimlmError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text = head.decode("utf-8", errors="replace")
+    if len(head) == sample_bytes:
+        text = text[:-1]  # the sample may end inside a character
+    # NUL bytes never occur in text; a few undecodable bytes (a Latin-1 letter) are tolerated.
+    if b"\0" in head or text.count("\ufffd") > max(8, len(text) // 100):
+        raise SlimlmError(f"{path} is not UTF-8 text (binary data?); give text, JSONL, JSON, CSV or Parquet files")
+
+
 def _pieces_of_file(path: Path, text_field: str, piece_chars: int | None) -> Iterator[tuple[str, bool, float]]:
     """(text, last piece of its document, fraction of the file read) for one file."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES or suffix not in KNOWN_SUFFIXES:
+        check_is_text(path)
         size = path.stat().st_size
         if piece_chars is None or size <= piece_chars:
             text = path.read_text(encoding="utf-8", errors="replace")

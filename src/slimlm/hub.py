@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -49,9 +50,9 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: b
     The run state under ``run/`` is left out.  Any hub problem (offline, not logged in, no
     permission) is a one-line `SlimlmError`.
     """
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SlimlmError(f"{folder} is not a model folder (no config.json)")
+    from .models import check_checkpoint
+
+    folder = check_checkpoint(folder, weights=True)
     if not _REPO_ID.match(repo_id):
         raise SlimlmError(f"REPO_ID must look like USER/NAME or ORG/NAME, got '{repo_id}'")
     if _offline():
@@ -64,7 +65,10 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, card: b
     if card:
         from .card import write_model_card
 
-        write_model_card(folder, repo_id)
+        try:
+            write_model_card(folder, repo_id)
+        except OSError as exc:  # a read-only checkpoint is still uploaded, with the card it has
+            print(f"warning: model card not refreshed ({exc.strerror or exc})", file=sys.stderr, flush=True)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",

@@ -495,11 +495,13 @@ def activation_scores(
     return scores
 
 
-def magnitude_scores(model, experts_only: bool = False) -> Scores:
+def magnitude_scores(model, experts_only: bool = False, tensors=None) -> Scores:
     """Baseline: the L2 norm of the weights that read or write each channel, neuron, head, expert.
 
     `experts_only` reads only the expert and router tensors (for the expert baseline
-    stored beside activation scores).
+    stored beside activation scores).  `tensors` ((name, tensor) pairs, in-memory names)
+    replaces the model's state dict, e.g. layer by layer from a streamed checkpoint; `model`
+    may then be its config.
     """
     adapter = get_adapter(model)
     shape = adapter.shape()
@@ -520,7 +522,7 @@ def magnitude_scores(model, experts_only: bool = False) -> Scores:
     def per_head(sq):  # inner channels -> Mamba heads
         return sq.view(nh, mhd).sum(-1)
 
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (tensors if tensors is not None else model.state_dict().items()):
         if adapter.is_ignored(name):
             continue
         layer, rule = adapter.tensor_rule(name)
@@ -709,7 +711,12 @@ def estimate_importance(
                 scores.meta["base_loss"] = base
             for k in block_sizes:
                 scores.block_losses[k] = block_removal_losses(model, heldout, k, batch_size, progress)
+    return stamp(scores, model.config, meta)
+
+
+def stamp(scores: Scores, config, meta: dict | None = None) -> Scores:
+    """Record what made the scores (`meta`), the slimlm version and the model's shape in their metadata."""
     scores.meta.update(meta or {})
     scores.meta.setdefault("slimlm_version", __version__)
-    scores.meta["shape"] = adapter.shape().as_dict()
+    scores.meta["shape"] = get_adapter(config).shape().as_dict()
     return scores

@@ -60,7 +60,8 @@ def _meta_model(config, dtype):
 
 
 def parameter_count(config) -> dict:
-    """{"total", "head"}: parameters (shared tensors once) and those of the LM head's weight."""
+    """{"total", "head", "embed_and_head", "largest_layer"}: parameters (shared tensors once), those of the LM
+    head's weight, of the input embeddings and LM head together (once when tied), of the largest layer."""
     model = _meta_model(config, torch.float32)
     model.tie_weights()
     seen, total = set(), 0
@@ -70,7 +71,9 @@ def parameter_count(config) -> dict:
             seen.add(key)
             total += p.numel()
     head = model.get_output_embeddings()
+    ends = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), head) if m is not None}
     return {"total": total, "head": head.weight.numel() if head is not None else 0,
+            "embed_and_head": sum(ends.values()),
             "largest_layer": max(sum(p.numel() for p in layer.parameters()) for layer in _layers(model))}
 
 
@@ -203,11 +206,13 @@ class _Shapes:
     teacher_hidden: int
     teacher_ffn: int
     teacher_largest_layer: int
+    teacher_ends: int  # embeddings + LM head (once when tied)
     student_params: int
     student_head: int
     student_hidden: int
     student_layers: int
     student_largest_layer: int
+    student_ends: int
     vocab: int
     act_per_token: float  # student, compute dtype
 
@@ -219,9 +224,10 @@ def _shapes(teacher_config, student_config, compute_dtype) -> _Shapes:
         teacher_params=t["total"] if teacher_config is not None else 0,
         teacher_hidden=getattr(teacher_config, "hidden_size", 0),
         teacher_ffn=getattr(teacher_config, "intermediate_size", 0) or 0,
-        teacher_largest_layer=t["largest_layer"],
+        teacher_largest_layer=t["largest_layer"], teacher_ends=t["embed_and_head"] if teacher_config is not None else 0,
         student_params=s["total"], student_head=s["head"], student_hidden=student_config.hidden_size,
         student_layers=student_config.num_hidden_layers, student_largest_layer=s["largest_layer"],
+        student_ends=s["embed_and_head"],
         vocab=student_config.vocab_size, act_per_token=per_tok)
 
 
@@ -248,7 +254,7 @@ def _parts(sh: _Shapes, *, backend: str, processes: int, micro_batch: int, seq_l
                                                         + per_layer_act)
     else:
         parts["activations"] = tokens * sh.act_per_token
-    fused = backend in ("single", "ddp")
+    fused = backend != "zero3"  # ZeRO-3 gathers the head per call: the loss recomputes it in backward
     loss = 3 * chunk * sh.vocab * 4 + tokens * sh.student_hidden * 4 * 2
     if fused:
         loss += sh.student_head * 4  # the head's weight gradient, accumulated over the chunks
@@ -257,7 +263,14 @@ def _parts(sh: _Shapes, *, backend: str, processes: int, micro_batch: int, seq_l
     parts["loss buffers"] = loss
     if backend in ("fsdp2", "zero3") and n > 1:
         unit = max(sh.student_largest_layer * 4, sh.teacher_largest_layer * compute_bytes)
+        if backend == "zero3":  # the LM heads are gathered by each call too
+            unit = max(unit, sh.student_head * 4, sh.teacher_ends * compute_bytes)
         parts["gathered units (current + prefetch)"] = 2 * unit
+    if backend == "fsdp2" and n > 1:
+        # Embeddings, final norms and LM heads of both models stay in the root unit, gathered for the whole
+        # step (slimlm.distill.modules.Distillation); the student's in the compute dtype under mixed precision.
+        parts["root unit (embeddings, LM heads)"] = (sh.student_ends * (compute_bytes if mixed else 4)
+                                                     + sh.teacher_ends * compute_bytes)
     if cuda:
         parts["CUDA context and allocator"] = CUDA_CONTEXT_BYTES
     return parts
@@ -417,8 +430,8 @@ def plan_distill(teacher, student, config, memory) -> MemoryPlan:
     """What `slimlm distill --dry-run` prints: the plan for distilling `teacher` into `student` (configs only)."""
     from .models import load_config
 
-    t_cfg = load_config(teacher) if teacher is not None else None
-    s_cfg = load_config(student)
+    t_cfg = load_config(teacher, weights=False) if teacher is not None else None
+    s_cfg = load_config(student, weights=False)
     return plan_distill_memory(t_cfg, s_cfg, micro_batch=config.micro_batch, seq_len=config.seq_len,
                                chunk_size=config.chunk_size, gradient_checkpointing=config.gradient_checkpointing,
                                **_setup(config, memory))
@@ -457,7 +470,7 @@ def plan_run(recipe, memory) -> list[tuple[str, MemoryPlan]]:
     r = recipe
     mem = memory if memory.accelerate_config or not r.run.accelerate_config else type(memory)(
         **{**memory.as_dict(), "accelerate_config": r.run.accelerate_config})
-    t_cfg = load_config(r.teacher)
+    t_cfg = load_config(r.teacher, weights=False)
     if r.mode == "prune":
         s_cfg = student_config(t_cfg, r.prune)
     else:  # the largest candidate the search may pick bounds the student

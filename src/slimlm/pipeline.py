@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def distill_stage(r: Recipe, run: RunFolder) -> dict:
 
 def align_stage(r: Recipe, run: RunFolder) -> dict:
     from .align import align
-    from .align.trainer import resumable
+    from .training import resumable
 
     a = r.align
     run.log(f"stage align: SFT on {a.sft}" + (f", then DPO on {a.prefs}" if a.prefs else ""))
@@ -256,6 +257,36 @@ def validate_recipe_inputs(r: Recipe) -> None:
             raise SlimlmError(f"{section}.seq_len {seq_len} is past the teacher's limit of {limit} positions")
     if r.eval.ppl is not None:
         check_source(r.eval.ppl, r.eval.text_field)
+    from .distill.tokens import usable_token_cache
+
+    usable_token_cache()  # the distill stage (and teacher correction) tokenize into it
+
+
+# What a run writes into its folder.
+RUN_OUTPUTS = ("recipe.yaml", "recipe.resolved.json", "stages.json", "run.log", "teacher-corrected", "scores.safetensors",
+               "pruned", "search", "student", "aligned", "eval", "report")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("stages.json", "recipe.yaml", "recipe.resolved.json"))
+
+
+def check_run_folder(root: Path, r: Recipe) -> None:
+    """The run folder: new, empty, or an earlier run's (which resumes); never a folder that holds
+    something else, nor one whose stage outputs are (or hold) the recipe's inputs.  Probed writable."""
+    from ._io import check_not_an_input, probe_writable
+
+    data = r.run.data
+    inputs = [r.teacher, r.eval.ppl, r.align.sft, r.align.prefs,
+              *(list(data) if isinstance(data, (list, tuple, dict)) else [data])]
+    for name in RUN_OUTPUTS:  # the stages replace these
+        check_not_an_input(root / name, inputs)
+    if root.exists():
+        if not root.is_dir():
+            raise SlimlmError(f"the run folder {root} is a file; choose another --output")
+        if any(root.iterdir()) and not _is_run_folder(root):
+            raise SlimlmError(f"{root} exists and is not a slimlm run folder; choose another --output")
+    probe_writable(root, what="run folder")
 
 
 def run(recipe: str | Path | Recipe | None = None, out: str | Path | None = None, *, from_stage: str | None = None,
@@ -269,21 +300,30 @@ def run(recipe: str | Path | Recipe | None = None, out: str | Path | None = None
         stem = Path(recipe).stem if recipe is not None else "default"
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise SlimlmError(f"--from expects one of {', '.join(STAGE_NAMES)}, got '{from_stage}'")
-    validate_recipe_inputs(r)
     root = Path(out if out is not None else Path("runs") / stem).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    if text is not None:
-        atomic_write_text(root / "recipe.yaml", text)
-    atomic_write_json(root / "recipe.resolved.json", r.to_dict())
-    state = RunState(root)
-    if from_stage:
-        state.forget_from(from_stage)
-    fps = fingerprints(r)
-    for stage in STAGES:  # a changed stage invalidates everything after it
-        if stage.name in state.done and not state.finished(stage.name, fps[stage.name]):
-            state.forget_from(stage.name)
-            break
-    folder = RunFolder(root, r, progress)
+    check_run_folder(root, r)
+    validate_recipe_inputs(r)
+    # Everything is checked: only now does the run folder appear.  A failure before the first
+    # stage starts removes a folder this call made, so the corrected rerun starts clean.
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if text is not None:
+            atomic_write_text(root / "recipe.yaml", text)
+        atomic_write_json(root / "recipe.resolved.json", r.to_dict())
+        state = RunState(root)
+        if from_stage:
+            state.forget_from(from_stage)
+        fps = fingerprints(r)
+        for stage in STAGES:  # a changed stage invalidates everything after it
+            if stage.name in state.done and not state.finished(stage.name, fps[stage.name]):
+                state.forget_from(stage.name)
+                break
+        folder = RunFolder(root, r, progress)
+    except BaseException:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     for stage in STAGES:
         if stage.enabled(r):
             if not state.finished(stage.name, fps[stage.name]):
@@ -360,9 +400,9 @@ def train(r: Recipe, what: str, teacher, student, out: Path, config: DistillConf
     import torch
 
     from .distill import DistillResult, correct_teacher, distill
+    from .training import resumable
 
-    ckpts = Path(out) / "run" / "checkpoints"
-    resume = ckpts.is_dir() and any(ckpts.iterdir()) and not (Path(out) / "slimlm.json").exists()
+    resume = resumable(out)
     accel = r.run.accelerate_config
     if not (accel and torch.cuda.device_count() > 1):
         if what == "correct":

@@ -100,10 +100,19 @@ def _new_empty_model(config, dtype):
 
 
 def prune_model(model, plan: PrunePlan):
-    """A new, smaller model in memory (the original is left untouched)."""
+    """A new, smaller model in memory; it shares no tensor with the original, which is left untouched."""
     adapter = get_adapter(model)
     new_config = adapter.new_config(plan)
-    state = dict(prune_tensors(model.state_dict().items(), adapter, plan, new_config))
+    source = model.state_dict()
+    source_storages = {t.untyped_storage().data_ptr() for t in source.values() if t.device.type != "meta"}
+    state = {}
+    for name, tensor in prune_tensors(source.items(), adapter, plan, new_config):
+        # A tensor kept whole (KEEP axes, a plan that keeps everything) comes back as the
+        # source's own storage; the student must own every weight, or training it would
+        # change the teacher it learns from.
+        if tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in source_storages:
+            tensor = tensor.clone()
+        state[name] = tensor
     dtype = next(model.parameters()).dtype
     new = _new_empty_model(new_config, dtype)
     tied = adapter.shape(new_config).tied
@@ -156,6 +165,17 @@ def _finish_folder(tmp: Path, source_dir: str | None, prov: dict) -> None:
     write_model_card(tmp)
 
 
+def open_safetensors(path):
+    """A safetensors file read with pread rather than mmap: read pages would otherwise stay mapped into the
+    process (resident) until it closes the file, and reading a large checkpoint piece by piece is the point."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), "pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors before 0.7: mmap only
+        return safe_open(str(path), "pt", device="cpu")
+
+
 def checkpoint_shards(folder: str | Path) -> list[Path]:
     """The safetensors files of a local checkpoint (sharded or single)."""
     folder = Path(folder)
@@ -169,7 +189,6 @@ def checkpoint_shards(folder: str | Path) -> list[Path]:
 
 def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, prov: dict) -> Path:
     """Prune a safetensors checkpoint on disk shard by shard, writing one output shard per input shard."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -177,7 +196,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     shards = checkpoint_shards(source_dir)
     if not shards:
         raise SlimlmError(f"{source_dir} has no safetensors weights to prune shard by shard")
-    config = AutoConfig.from_pretrained(source_dir)
+    config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
     adapter = get_adapter(config)
     new_config = adapter.new_config(plan)
     tied = adapter.shape(new_config).tied
@@ -185,7 +204,7 @@ def prune_checkpoint(source_dir: str | Path, plan: PrunePlan, out: str | Path, p
     total = 0
     with atomic_dir(out) as tmp:
         for i, shard in enumerate(shards):
-            with safe_open(str(shard), "pt") as f:
+            with open_safetensors(shard) as f:
                 names = [n for n in f.keys() if not (tied and n == "lm_head.weight")]
                 sliced = dict(prune_tensors(((n, f.get_tensor(n)) for n in names), adapter, plan, new_config))
             if not sliced:

@@ -174,6 +174,9 @@ def enumerate_candidates(adapter: Adapter, config: SearchConfig | None = None, *
                           + (" active parameters" if active else ""))
     if not 0 < tolerance < 1:
         raise SlimlmError(f"--tolerance must be between 0 and 1, got {tolerance}")
+    for name, value in (("max-width-prune", c.max_width_prune), ("max-depth-prune", c.max_depth_prune)):
+        if not 0 <= value < 1:
+            raise SlimlmError(f"--{name} must be a fraction in [0, 1), got {value}")
     grids = axis_grids(adapter, c, active)
     found = []
     for n in depth_grid(s, c):
@@ -312,7 +315,7 @@ def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung
     the rung's end.  A candidate whose result for this rung exists is not run again.
     """
     from .adapters import get_adapter
-    from .distill.checkpoint import latest_checkpoint
+    from .training.checkpoint import latest_checkpoint
     from .plan import make_plan
     from .prune import prune_model
 
@@ -463,11 +466,11 @@ def search(
     "winner_path", "candidates", "scores", "steps_used", "budget_steps"}.
     """
     from . import api
-    from ._io import check_writable_output
+    from ._io import check_not_an_input, check_writable_output, probe_writable
     from .adapters import get_adapter
     from .data import check_source
     from .importance import Scores
-    from .models import load_config, load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer, pick_dtype
 
     made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
                            importance=(ImportanceConfig, importance))
@@ -476,8 +479,17 @@ def search(
     api.check_importance_config(imp)
     # -- every check before any output exists -------------------------------------------------
     out = Path(output).expanduser()
-    adapter = get_adapter(loaded.config if loaded is not None else load_config(model))
+    pick_dtype(d.dtype)
+    model_config = loaded.config if loaded is not None else load_config(model)
+    adapter = get_adapter(model_config)
     candidates = enumerate_candidates(adapter, c)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and d.seq_len > limit:
+        raise SlimlmError(f"--seq-len {d.seq_len} is past the model's limit of {limit} positions")
+    check_not_an_input(out, (model, scores))
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"the search output {out} is not a folder; choose another --output")
+    probe_writable(out, what="search folder")
     tokens_per_step = (d.global_batch or d.micro_batch) * d.seq_len
     budget_steps = c.search_budget // tokens_per_step
     rungs = fit_ladder(len(candidates), budget_steps, c.reduction)
@@ -493,21 +505,30 @@ def search(
     if previous is None and not (out / "candidates").is_dir():  # a search folder is resumable: a fresh one must be new
         check_writable_output(out, overwrite=overwrite)
     check_source(imp.data, imp.text_field)
-    scores_path = Path(scores) if scores else out / "scores.safetensors"
+    scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"
+    if scores and not scores_path.exists():
+        raise SlimlmError(f"scores file not found: {scores}")
     given = Scores.load(scores_path) if scores_path.exists() else None
     if given is not None:
         given.check_matches(adapter.shape())
-    # -- work ----------------------------------------------------------------------------------
+    # -- work: a search that fails before its first result leaves no folder behind --------------
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / LADDER_FILE, record)
-    teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
-    tok = load_tokenizer(model)
-    calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False)
-    sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher, overwrite=True,
-                                                        progress=progress)
-    depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
-    if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
-        sc.save(scores_path)
+    try:
+        atomic_write_json(out / LADDER_FILE, record)
+        teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
+        tok = load_tokenizer(model)
+        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False, offload="none")  # the teacher is in memory to distill
+        sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher,
+                                                            overwrite=True, progress=progress)
+        depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
+        if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
+            sc.save(scores_path)
+    except BaseException:
+        # Only the plan was written (a computed scores file is kept: the rerun reuses it).
+        if created and {p.name for p in out.iterdir()} <= {LADDER_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if progress:
         print(f"search: {len(candidates)} candidates, rungs " + ", ".join(
             f"{r.candidates} x {r.steps} steps" for r in rungs) + f"; {ladder_steps(rungs)} of {budget_steps} "

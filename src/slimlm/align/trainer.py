@@ -25,14 +25,20 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .._io import atomic_dir, atomic_write_json, check_writable_output
+from .._io import atomic_dir, atomic_write_json
 from ..chat import ensure_chat_template, read_conversations, read_preferences, template_hash, template_text
 from ..config import AlignConfig
 from ..errors import SlimlmError
-from ..models import load_config, load_tokenizer, pick_dtype, resolve_model_path
+from ..models import load_config, load_model, load_tokenizer, resolve_model_path
+from ..training import provenance
+from ..training.checkpoint import last_trainer_checkpoint, refusing_pickles, trainer_checkpoint_step
+from ..training.monitor import Monitor
+from ..training.precision import Precision
+from ..training.run_folder import RunFolder, carry_run_state
+from ..training.schedule import default_save_every, effective_warmup
+from ..training.setup import accelerate_released, plan_batch
 
 MASK_GENERATION = "assistant-only"  # TRL assistant_only_loss ({% generation %} markers)
 MASK_TURNS = "per-turn"  # one prompt/completion example per assistant turn, TRL completion_only_loss
@@ -165,6 +171,7 @@ def _check_numbers(**values) -> None:
             raise SlimlmError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value}")
 
 
+
 def align(
     model,
     sft: str | os.PathLike | None = None,
@@ -177,10 +184,21 @@ def align(
     progress: bool = True,
     **overrides,
 ) -> AlignResult:
-    """Instruction-tune `model` with the settings of `config` (an `AlignConfig`) and `overrides`.
+    """Instruction-tune `model` on chat data `sft` (JSONL of ``messages``), then DPO on `prefs` when given.
 
-    `sft` and `prefs` (the chat data and the optional preference pairs) are overrides given
-    positionally: ``align("student", "chats.jsonl", "out")``.  See `_align` for the settings.
+    `model` is a model name/folder/alias (e.g. the output of `slimlm distill`).  `config` is an
+    `AlignConfig` (its fields document every setting); keyword `overrides` replace its values,
+    and `sft` / `prefs` are overrides given positionally: ``align("student", "chats.jsonl", "out")``.
+
+    `sft`: conversations, JSONL of ``{"messages": [{"role", "content"}, ...]}``; the loss covers the
+    assistant tokens only.  `prefs`: optional preference pairs, JSONL of ``{"prompt", "chosen",
+    "rejected"}`` (strings or message lists) for DPO after SFT (the SFT model is the DPO reference).
+    `out` becomes a standard Hugging Face checkpoint with tokenizer, chat template, ``slimlm.json``
+    provenance, ``README.md`` model card, ``metrics.jsonl`` and run state in ``run/``.  `resume`
+    continues from the newest checkpoint; a run that fails before its first checkpoint removes what
+    it wrote.
+
+    Raises `SlimlmError` for user mistakes, before any model loads.
     """
     if sft is not None:
         overrides["sft"] = str(sft)
@@ -189,148 +207,7 @@ def align(
     c = AlignConfig.make(config, **overrides)
     if c.sft is None:
         raise SlimlmError("align needs chat data (--sft FILE.jsonl)")
-    settings = c.as_dict()
-    return _align(model, settings.pop("sft"), out, settings.pop("prefs"), resume=resume, overwrite=overwrite,
-                  progress=progress, **settings)
-
-
-def _align(
-    model,
-    sft: str | os.PathLike,
-    out: str | os.PathLike = "aligned",
-    prefs: str | os.PathLike | None = None,
-    *,
-    tokens: int = 100_000,
-    dpo_tokens: int | None = None,
-    seq_len: int | None = None,
-    micro_batch: int = 4,
-    global_batch: int | None = None,
-    lr: float = 2e-5,
-    dpo_lr: float = 1e-6,
-    beta: float = 0.1,
-    warmup: int = 40,
-    clip: float = 1.0,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    dtype: str = "auto",
-    chat_template_from: str | None = None,
-    gradient_checkpointing: bool = False,
-    save_every: int | None = None,
-    keep_checkpoints: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
-    tensorboard: bool = True,
-) -> AlignResult:
-    """Instruction-tune `model` on chat data `sft` (JSONL of ``messages``), then DPO on `prefs` when given.
-
-    Args:
-        model: a model name/folder/alias (e.g. the output of `slimlm distill`).
-        sft: conversations, JSONL of ``{"messages": [{"role", "content"}, ...]}``; the loss covers the
-            assistant tokens only.
-        prefs: optional preference pairs, JSONL of ``{"prompt", "chosen", "rejected"}`` (strings or
-            message lists) for DPO after SFT (the SFT model is the DPO reference).
-        out: output folder: a standard Hugging Face checkpoint with tokenizer, chat template,
-            ``slimlm.json`` provenance, ``README.md`` model card, ``metrics.jsonl`` and run state in ``run/``.
-        tokens: SFT token budget; optimizer steps = ceil(tokens / (global_batch x mean example length)).
-            `dpo_tokens` (default: `tokens`) is DPO's, counting prompt+chosen and prompt+rejected.
-        seq_len: longest sequence in tokens (longer examples are truncated); default 1024, or the
-            model's max_position_embeddings when that is smaller.
-        micro_batch, global_batch: examples per forward per process, and per optimizer step
-            (default micro_batch x processes; the rest is gradient accumulation).
-        lr, dpo_lr: peak learning rates (cosine decay to a tenth, `warmup` steps clamped to 10 %).
-        beta: DPO's KL strength.
-        dtype: 'auto' (fp32 on CPU, bf16 mixed precision on GPUs), 'fp32', 'bf16', 'fp16'.
-        chat_template_from: where the chat template comes from when `model` has none: a model
-            (e.g. the teacher) or a .jinja file.  It is used for training and saved with the result.
-        save_every: checkpoint every N optimizer steps (default: about 10 per stage; 0: never);
-            `resume` continues from the newest one; `stop_after` stops (with a checkpoint) after that
-            many optimizer steps over both stages.
-
-    Raises `SlimlmError` for user mistakes, before any model loads.
-    """
-    # ---- 1. arguments -------------------------------------------------------------------------
-    if seq_len is not None:
-        _check_numbers(seq_len=(seq_len, 8))
-    _check_numbers(tokens=(tokens, 1), micro_batch=(micro_batch, 1), warmup=(warmup, 0),
-                   keep_checkpoints=(keep_checkpoints, 1), seed=(seed, 0))
-    if dpo_tokens is not None:
-        _check_numbers(dpo_tokens=(dpo_tokens, 1))
-    if save_every is not None:
-        _check_numbers(save_every=(save_every, 0))
-    if stop_after is not None:
-        _check_numbers(stop_after=(stop_after, 1))
-    if not (lr > 0) or not (dpo_lr > 0) or not (beta > 0) or not (clip > 0) or weight_decay < 0:
-        raise SlimlmError("lr, dpo-lr, beta and clip must be > 0, weight-decay >= 0")
-    dpo_tokens = dpo_tokens or tokens
-
-    # ---- 2. data -----------------------------------------------------------------------------
-    conversations = read_conversations(sft)
-    pairs = read_preferences(prefs) if prefs is not None else None
-
-    # ---- 3. model and output -------------------------------------------------------------------
-    spec = str(model)
-    config = load_config(spec)
-    out = Path(out).expanduser()
-    source = Path(resolve_model_path(spec))
-    if source.exists() and source.resolve() == out.resolve():
-        raise SlimlmError(f"the output {out} is the input model; choose another folder")
-    run_dir = out / "run"
-    sft_done = (run_dir / "sft" / "done.json").exists()
-    if resume:
-        if not (run_dir / "config.json").exists() or not (sft_done or _last_checkpoint(run_dir / "sft")):
-            raise SlimlmError(f"nothing to resume in {out} (no checkpoint under {run_dir})")
-    else:
-        unfinished = (run_dir / "config.json").exists() and not (out / "slimlm.json").exists()
-        if unfinished and not overwrite:
-            raise SlimlmError(f"output {out} holds an unfinished run: pass --resume to continue it or --overwrite")
-        check_writable_output(out, overwrite=overwrite)
-    limit = getattr(config, "max_position_embeddings", None)
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-    elif limit is not None and seq_len > limit:
-        raise SlimlmError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({limit})")
-
-    # ---- 4. tokenizer and chat template ---------------------------------------------------------
-    tok = load_tokenizer(spec)
-    had_template = template_text(tok) is not None
-    template = ensure_chat_template(tok, chat_template_from if not had_template else None, what=spec)
-    _check_renders(tok, conversations, pairs)
-    mode = sft_loss_mask(tok)
-    rows = sft_rows(conversations, mode)
-    if not rows:
-        raise SlimlmError(f"{sft}: no assistant message follows a prompt; nothing to train on")
-
-    # ---- 5. processes, batch, precision -------------------------------------------------------
-    from accelerate import PartialState
-
-    from ..distill.accel import cpu_only, reset_accelerate
-    from ..distill.trainer import _check_same_run
-
-    cpu = cpu_only()
-    world = PartialState(cpu=cpu).num_processes
-    global_batch = global_batch or micro_batch * world
-    if global_batch % (micro_batch * world):
-        raise SlimlmError(
-            f"--global-batch {global_batch} is not a multiple of micro-batch x processes = {micro_batch} x {world}")
-    accum = global_batch // (micro_batch * world)
-    compute_dtype = pick_dtype(dtype)
-    import torch
-
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "no")
-    settings = dict(
-        kind="align", model=spec, sft=str(sft), prefs=str(prefs) if prefs else None, tokens=tokens,
-        dpo_tokens=dpo_tokens if pairs else None, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
-        lr=lr, dpo_lr=dpo_lr if pairs else None, beta=beta if pairs else None, warmup=warmup, clip=clip,
-        weight_decay=weight_decay, seed=seed, dtype=str(dtype), chat_template=template_hash(template), loss_mask=mode,
-    )
-    if resume:
-        _check_same_run(run_dir, settings)
-    try:
-        return _run(**locals())
-    finally:
-        reset_accelerate()
+    return AlignRecipe(model, c, out, resume=resume, overwrite=overwrite, progress=progress).train()
 
 
 def _check_renders(tok, conversations, pairs) -> None:
@@ -350,25 +227,236 @@ def _check_renders(tok, conversations, pairs) -> None:
         render(p["prompt"] + p["rejected"])
 
 
-def resumable(out: str | os.PathLike) -> bool:
-    """True when `out` holds an unfinished align run that `resume=True` can continue."""
-    out = Path(out)
-    run_dir = out / "run"
-    return not (out / "slimlm.json").exists() and (
-        (run_dir / "sft" / "done.json").exists() or _last_checkpoint(run_dir / "sft") is not None)
+class AlignRecipe:
+    """One align run (SFT, then DPO when there are preference pairs): checked on construction, run by `train()`.
 
+    Construction reads the data, the model's config and its tokenizer, and checks everything
+    a user can get wrong; `train()` sets up the run folder and the stages' shared Trainer
+    arguments (`_setup_*`), runs SFT and DPO on TRL's trainers and exports the final model.
+    """
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete TRL checkpoint (``checkpoint-N`` with its trainer state) in `folder`."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").exists()
-            and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+    def __init__(self, model, c: AlignConfig, out, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True):
+        self.c, self.resume, self.overwrite, self.progress = c, resume, overwrite, progress
+        self._check_settings()
+        self.dpo_tokens = c.dpo_tokens or c.tokens
+        self.conversations = read_conversations(c.sft)
+        self.pairs = read_preferences(c.prefs) if c.prefs is not None else None
+        self.spec = str(model)
+        model_config = load_config(self.spec)
+        self.source = Path(resolve_model_path(self.spec))
+        self.folder = RunFolder(out)
+        self._check_output()
+        self.seq_len = self._check_seq_len(getattr(model_config, "max_position_embeddings", None))
+        self._check_tokenizer()
+        self.batch = plan_batch(c.micro_batch, c.global_batch)
+        self.precision = Precision.from_setting(c.dtype)
+        self.settings = self._run_settings()
+        if resume:
+            self.folder.check_same_run(self.settings)
 
+    # ---- checks (construction) ---------------------------------------------------------------
+    def _check_settings(self) -> None:
+        c = self.c
+        if c.seq_len is not None:
+            _check_numbers(seq_len=(c.seq_len, 8))
+        _check_numbers(tokens=(c.tokens, 1), micro_batch=(c.micro_batch, 1), warmup=(c.warmup, 0),
+                       keep_checkpoints=(c.keep_checkpoints, 1), seed=(c.seed, 0))
+        if c.dpo_tokens is not None:
+            _check_numbers(dpo_tokens=(c.dpo_tokens, 1))
+        if c.save_every is not None:
+            _check_numbers(save_every=(c.save_every, 0))
+        if c.stop_after is not None:
+            _check_numbers(stop_after=(c.stop_after, 1))
+        if not (c.lr > 0) or not (c.dpo_lr > 0) or not (c.beta > 0) or not (c.clip > 0) or c.weight_decay < 0:
+            raise SlimlmError("lr, dpo-lr, beta and clip must be > 0, weight-decay >= 0")
 
-def _step_of(ckpt: Path | None) -> int:
-    return int(ckpt.name.split("-")[-1]) if ckpt is not None else 0
+    def _check_output(self) -> None:
+        folder = self.folder
+        folder.refuse_inputs(str(self.source), what="the input model")
+        has_checkpoint = folder.settings_file.exists() and self._has_checkpoint()
+        c = self.c
+        folder.check_start(resume=self.resume, overwrite=self.overwrite, has_checkpoint=has_checkpoint,
+                           inputs=(self.spec, c.sft, c.prefs, c.chat_template_from))
+
+    def _check_seq_len(self, limit: int | None) -> int:
+        if self.c.seq_len is None:
+            return min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+        if limit is not None and self.c.seq_len > limit:
+            raise SlimlmError(f"--seq-len {self.c.seq_len} exceeds the model's max_position_embeddings ({limit})")
+        return self.c.seq_len
+
+    def _check_tokenizer(self) -> None:
+        """The tokenizer with its chat template (from `chat_template_from` when the model has none), the SFT rows."""
+        tok = load_tokenizer(self.spec)
+        self.had_template = template_text(tok) is not None
+        self.template = ensure_chat_template(tok, self.c.chat_template_from if not self.had_template else None,
+                                             what=self.spec)
+        _check_renders(tok, self.conversations, self.pairs)
+        self.mode = sft_loss_mask(tok)
+        self.rows = sft_rows(self.conversations, self.mode)
+        if not self.rows:
+            raise SlimlmError(f"{self.c.sft}: no assistant message follows a prompt; nothing to train on")
+        self.tok = tok
+
+    def _run_settings(self) -> dict:
+        """The settings that shape training, recorded in run/config.json and compared on --resume."""
+        c, dpo = self.c, self.pairs is not None
+        return dict(
+            kind="align", model=self.spec, sft=str(c.sft), prefs=str(c.prefs) if c.prefs else None,
+            tokens=c.tokens, dpo_tokens=self.dpo_tokens if dpo else None, seq_len=self.seq_len,
+            micro_batch=c.micro_batch, global_batch=self.batch.global_batch, lr=c.lr, dpo_lr=c.dpo_lr if dpo else None,
+            beta=c.beta if dpo else None, warmup=c.warmup, clip=c.clip, weight_decay=c.weight_decay, seed=c.seed,
+            dtype=str(c.dtype), chat_template=template_hash(self.template), loss_mask=self.mode,
+        )
+
+    def _has_checkpoint(self) -> bool:
+        run = self.folder.run
+        return (run / "sft" / "done.json").exists() or last_trainer_checkpoint(run / "sft") is not None
+
+    # ---- the run -------------------------------------------------------------------------------
+    def train(self) -> AlignResult:
+        """SFT, then DPO when there are pairs, then the export; see `align`."""
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.main = self.state.is_main_process
+        with accelerate_released():
+            self._setup_folder()
+            with self.folder.removed_on_failure(self._has_checkpoint, enabled=self.main):
+                self._setup_state()
+                if self.sft_done is not None:  # a resumed run that finished SFT before
+                    self.stages["sft"], trainer = self.sft_done, None
+                else:
+                    trainer = self._sft_stage()
+                    if trainer is None:
+                        return self._stopped()
+                    if self.pairs:
+                        self._finish_sft(trainer)
+                        trainer = None
+                        gc.collect()
+                if self.pairs:
+                    trainer = self._dpo_stage()
+                    if trainer is None:
+                        return self._stopped()
+                return self._export(trainer)
+
+    def _setup_folder(self) -> None:
+        self.state.wait_for_everyone()  # every process checked the output before the main one writes into it
+        if self.main:
+            self.folder.prepare(resume=self.resume, overwrite=self.overwrite, settings=self.settings)
+        self.state.wait_for_everyone()
+
+    def _setup_state(self) -> None:
+        """Where each stage resumes, the metrics file, and the Trainer arguments both stages share."""
+        c, run = self.c, self.folder.run
+        self.sft_dir, self.dpo_dir = run / "sft", run / "dpo"
+        done = self.sft_dir / "done.json"
+        self.sft_done = json.loads(done.read_text()) if self.resume and done.exists() else None
+        self.sft_ckpt = last_trainer_checkpoint(self.sft_dir) if self.resume and self.sft_done is None else None
+        self.dpo_ckpt = last_trainer_checkpoint(self.dpo_dir) if self.resume and self.sft_done is not None else None
+        resume_step = None
+        if self.resume:
+            resume_step = trainer_checkpoint_step(self.sft_ckpt) if self.sft_done is None \
+                else self.sft_done["steps"] + trainer_checkpoint_step(self.dpo_ckpt)
+        self.monitor = Monitor(self.folder.metrics_file, run / "tensorboard" if c.tensorboard else None,
+                               enabled=self.main, resume_step=resume_step)
+        mixed = self.precision.mixed
+        self.common = dict(
+            per_device_train_batch_size=c.micro_batch, gradient_accumulation_steps=self.batch.accumulation,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+            weight_decay=c.weight_decay, max_grad_norm=c.clip, adam_beta2=0.95, bf16=mixed == "bf16",
+            fp16=mixed == "fp16", use_cpu=self.batch.cpu, gradient_checkpointing=c.gradient_checkpointing,
+            max_length=self.seq_len, save_total_limit=c.keep_checkpoints, seed=c.seed, data_seed=c.seed,
+            disable_tqdm=not (self.progress and self.main), max_steps=1, ddp_find_unused_parameters=False)
+        self.stages: dict = {}
+        self.t_start = time.perf_counter()
+
+    def _sft_stage(self):
+        """SFT; its trainer when it ran to its last step, None when stopped on purpose (with a checkpoint)."""
+        c = self.c
+        model = _load(self.spec, self.precision.master)
+        trainer = make_sft_trainer(model, self.tok, self.rows, self.mode, output_dir=str(self.sft_dir),
+                                   learning_rate=c.lr, **self.common)
+        steps, covered = _apply_budget(trainer, [len(x) for x in trainer.train_dataset["input_ids"]], c.tokens,
+                                       self.batch.global_batch, c.warmup, c.save_every)
+        self._run_trainer(trainer, "sft", 0, self.sft_ckpt, steps)
+        self.stages["sft"] = {"data": str(c.sft), "conversations": len(self.conversations), "examples": len(self.rows),
+                              "loss_mask": self.mode, "steps": steps, "tokens": covered, "lr": c.lr,
+                              "train_loss": _last_loss(trainer)}
+        return trainer if trainer.state.global_step >= steps else None
+
+    def _finish_sft(self, trainer) -> None:
+        """Save the SFT model (DPO's start and reference) and mark SFT done, so a resumed run goes straight to DPO."""
+        trainer.save_model(str(self.sft_dir / "model"))
+        if self.main:
+            atomic_write_json(self.sft_dir / "done.json", self.stages["sft"])
+        self.state.wait_for_everyone()
+
+    def _dpo_stage(self):
+        """DPO from the SFT model (also the frozen reference); the trainer to export, None if stopped."""
+        c = self.c
+        policy = _load(str(self.sft_dir / "model"), self.precision.master)
+        ref = _load(str(self.sft_dir / "model"), self.precision.compute)
+        ref.requires_grad_(False)
+        trainer = make_dpo_trainer(policy, ref, self.tok, self.pairs, c.beta, output_dir=str(self.dpo_dir),
+                                   learning_rate=c.dpo_lr, **self.common)
+        ds = trainer.train_dataset
+        lengths = [min(len(p) + len(ch), self.seq_len) + min(len(p) + len(r), self.seq_len)
+                   for p, ch, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+        steps, covered = _apply_budget(trainer, lengths, self.dpo_tokens, self.batch.global_batch, c.warmup,
+                                       c.save_every)
+        self._run_trainer(trainer, "dpo", self.stages["sft"]["steps"], self.dpo_ckpt, steps)
+        self.stages["dpo"] = {"data": str(c.prefs), "pairs": len(self.pairs), "steps": steps, "tokens": covered,
+                              "lr": c.dpo_lr, "beta": c.beta, "train_loss": _last_loss(trainer),
+                              "reward_accuracy": _last_value(trainer, "rewards/accuracies"),
+                              "reward_margin": _last_value(trainer, "rewards/margins")}
+        return trainer if trainer.state.global_step >= steps else None
+
+    def _run_trainer(self, trainer, stage: str, offset: int, ckpt: Path | None, steps: int) -> None:
+        """trainer.train() with slimlm's metrics and stop_after, from `ckpt` when resuming."""
+        self.last_stage_dir = self.sft_dir if stage == "sft" else self.dpo_dir
+        trainer.add_callback(_feedback(self.monitor, stage, offset, self.c.stop_after))
+        if self.main and ckpt is not None:
+            print(f"resuming {stage.upper()} from {ckpt.name} (step {trainer_checkpoint_step(ckpt)} of {steps})",
+                  file=sys.stderr, flush=True)
+        with _quiet_prep(), refusing_pickles(ckpt):
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+    def _stopped(self) -> AlignResult:
+        self.monitor.close()
+        ckpt = last_trainer_checkpoint(self.last_stage_dir)
+        return AlignResult(str(self.folder.out), False, self.stages, round(time.perf_counter() - self.t_start, 2),
+                           str(ckpt) if ckpt else None)
+
+    def _export(self, trainer) -> AlignResult:
+        self.monitor.close()
+        elapsed = time.perf_counter() - self.t_start
+        export_trained(trainer, self.tok, self.folder, self._provenance(elapsed), self.precision.compute, self.main)
+        self.state.wait_for_everyone()
+        return AlignResult(str(self.folder.out), True, self.stages, round(elapsed, 2), None)
+
+    def _provenance(self, elapsed: float) -> dict:
+        c = self.c
+        return {
+            "slimlm": provenance.slimlm_version(),
+            "kind": "align",
+            "created": provenance.now(),
+            "source": self.spec,
+            "chat_template": {"from": c.chat_template_from if not self.had_template else self.spec,
+                              "sha256_16": template_hash(self.template)},
+            "sft": self.stages.get("sft"),
+            "dpo": self.stages.get("dpo"),
+            "tokens": sum((s or {}).get("tokens", 0) for s in self.stages.values()),
+            "hyperparameters": {
+                "seq_len": self.seq_len, **self.batch.describe(), "warmup_requested": c.warmup,
+                "schedule": "cosine to lr/10", "clip": c.clip, "optimizer": "AdamW(0.9, 0.95)",
+                "weight_decay": c.weight_decay, "seed": c.seed, **self.precision.describe(),
+            },
+            "elapsed_s": round(elapsed, 2),
+            "versions": provenance.versions("trl"),
+            "parent": provenance.parent_record(self.source),
+        }
 
 
 def _feedback(monitor, stage: str, offset: int, stop_after: int | None):
@@ -398,8 +486,6 @@ def _feedback(monitor, stage: str, offset: int, stop_after: int | None):
 def _apply_budget(trainer, lengths: list[int], budget: int, global_batch: int, warmup: int,
                   save_every: int | None) -> tuple[int, int]:
     """Set the trainer's steps from the token budget; returns (steps, tokens those steps cover)."""
-    from ..distill.trainer import effective_warmup
-
     if not lengths:
         raise SlimlmError("no training examples are left after tokenization (all longer than --seq-len?)")
     mean = sum(lengths) / len(lengths)
@@ -407,126 +493,15 @@ def _apply_budget(trainer, lengths: list[int], budget: int, global_batch: int, w
     args = trainer.args
     args.max_steps = steps
     args.warmup_steps = effective_warmup(warmup, steps)
-    every = min(1000, max(25, steps // 10)) if save_every is None else save_every
+    every = default_save_every(steps) if save_every is None else save_every
     if every:
         args.save_strategy = "steps"
         args.save_steps = every
     return steps, int(round(steps * global_batch * mean))
 
 
-def _run(**kw) -> AlignResult:
-    """The part of `align` after validation."""
-    import torch
-    from accelerate import PartialState
 
-    from ..distill.monitor import Monitor
-    from ..distill.checkpoint import prepare_run_dir
-    from ..models import load_model
-
-    g = type("G", (), kw)
-    state = PartialState()
-    main = state.is_main_process
-    out, run_dir = g.out, g.run_dir
-    sft_dir, dpo_dir = run_dir / "sft", run_dir / "dpo"
-    state.wait_for_everyone()  # every process checked the output before the main one writes into it
-    if main:
-        prepare_run_dir(out, run_dir, resume=g.resume, overwrite=g.overwrite, settings=g.settings)
-    state.wait_for_everyone()
-
-    sft_done = json.loads((sft_dir / "done.json").read_text()) if g.resume and (sft_dir / "done.json").exists() else None
-    sft_ckpt = _last_checkpoint(sft_dir) if g.resume and sft_done is None else None
-    dpo_ckpt = _last_checkpoint(dpo_dir) if g.resume and sft_done is not None else None
-    resume_step = None
-    if g.resume:
-        resume_step = _step_of(sft_ckpt) if sft_done is None else sft_done["steps"] + _step_of(dpo_ckpt)
-    monitor = Monitor(out / "metrics.jsonl", run_dir / "tensorboard" if g.tensorboard else None, enabled=main,
-                      resume_step=resume_step)
-    train_dtype = torch.float32 if g.mixed != "no" else g.compute_dtype
-    common = dict(per_device_train_batch_size=g.micro_batch, gradient_accumulation_steps=g.accum,
-                  lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                  weight_decay=g.weight_decay, max_grad_norm=g.clip, adam_beta2=0.95, bf16=g.mixed == "bf16",
-                  fp16=g.mixed == "fp16", use_cpu=g.cpu, gradient_checkpointing=g.gradient_checkpointing,
-                  max_length=g.seq_len, save_total_limit=g.keep_checkpoints, seed=g.seed, data_seed=g.seed,
-                  disable_tqdm=not (g.progress and main), max_steps=1, ddp_find_unused_parameters=False)
-    stages: dict = {}
-    t_start = time.perf_counter()
-
-    def stopped(trainer, folder: Path, steps: int) -> AlignResult | None:
-        if trainer.state.global_step >= steps:
-            return None
-        monitor.close()
-        ckpt = _last_checkpoint(folder)
-        return AlignResult(str(out), False, stages, round(time.perf_counter() - t_start, 2),
-                           str(ckpt) if ckpt else None)
-
-    # ---- SFT -------------------------------------------------------------------------------
-    final = None
-    if sft_done is None:
-        model = _load(load_model, g.spec, train_dtype)
-        trainer = make_sft_trainer(model, g.tok, g.rows, g.mode, output_dir=str(sft_dir), learning_rate=g.lr,
-                                   **common)
-        steps, covered = _apply_budget(trainer, [len(x) for x in trainer.train_dataset["input_ids"]], g.tokens,
-                                       g.global_batch, g.warmup, g.save_every)
-        trainer.add_callback(_feedback(monitor, "sft", 0, g.stop_after))
-        if main and sft_ckpt is not None:
-            print(f"resuming SFT from {sft_ckpt.name} (step {_step_of(sft_ckpt)} of {steps})", file=sys.stderr, flush=True)
-        with _quiet_prep():
-            result = trainer.train(resume_from_checkpoint=str(sft_ckpt) if sft_ckpt else None)
-        stages["sft"] = {"data": str(g.sft), "conversations": len(g.conversations), "examples": len(g.rows),
-                         "loss_mask": g.mode, "steps": steps, "tokens": covered, "lr": g.lr,
-                         "train_loss": _last_loss(trainer)}
-        halt = stopped(trainer, sft_dir, steps)
-        if halt is not None:
-            return halt
-        if g.pairs:
-            trainer.save_model(str(sft_dir / "model"))
-            if main:
-                atomic_write_json(sft_dir / "done.json", stages["sft"])
-            state.wait_for_everyone()
-            del trainer, model, result
-            gc.collect()
-        else:
-            final = trainer
-        sft_steps = steps
-    else:
-        stages["sft"] = sft_done
-        sft_steps = sft_done["steps"]
-
-    # ---- DPO -------------------------------------------------------------------------------
-    if g.pairs:
-        policy = _load(load_model, str(sft_dir / "model"), train_dtype)
-        ref = _load(load_model, str(sft_dir / "model"), g.compute_dtype)
-        ref.requires_grad_(False)
-        trainer = make_dpo_trainer(policy, ref, g.tok, g.pairs, g.beta, output_dir=str(dpo_dir), learning_rate=g.dpo_lr,
-                                   **common)
-        ds = trainer.train_dataset
-        lengths = [min(len(p) + len(c), g.seq_len) + min(len(p) + len(r), g.seq_len)
-                   for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-        steps, covered = _apply_budget(trainer, lengths, g.dpo_tokens, g.global_batch, g.warmup, g.save_every)
-        trainer.add_callback(_feedback(monitor, "dpo", sft_steps, g.stop_after))
-        if main and dpo_ckpt is not None:
-            print(f"resuming DPO from {dpo_ckpt.name} (step {_step_of(dpo_ckpt)} of {steps})", file=sys.stderr, flush=True)
-        with _quiet_prep():
-            trainer.train(resume_from_checkpoint=str(dpo_ckpt) if dpo_ckpt else None)
-        stages["dpo"] = {"data": str(g.prefs), "pairs": len(g.pairs), "steps": steps, "tokens": covered,
-                         "lr": g.dpo_lr, "beta": g.beta, "train_loss": _last_loss(trainer),
-                         "reward_accuracy": _last_value(trainer, "rewards/accuracies"),
-                         "reward_margin": _last_value(trainer, "rewards/margins")}
-        halt = stopped(trainer, dpo_dir, steps)
-        if halt is not None:
-            return halt
-        final = trainer
-
-    # ---- export ----------------------------------------------------------------------------
-    monitor.close()
-    elapsed = time.perf_counter() - t_start
-    meta = _provenance(g, stages, elapsed)
-    _export(final, g.tok, out, run_dir, meta, g.compute_dtype, main)
-    state.wait_for_everyone()
-    return AlignResult(str(out), True, stages, round(elapsed, 2), None)
-
-
-def _load(load_model, spec: str, dtype):
+def _load(spec: str, dtype):
     model = load_model(spec, dtype)
     model.config.__dict__.pop("_slimlm_source", None)  # load_model's note, not a config field
     model.train()
@@ -544,44 +519,6 @@ def _last_loss(trainer):
     return _last_value(trainer, "loss")
 
 
-def _provenance(g, stages: dict, elapsed: float) -> dict:
-    import accelerate
-    import torch
-    import transformers
-    import trl
-
-    from .. import __version__
-
-    parent = None
-    src = Path(resolve_model_path(g.spec))
-    if (src / "slimlm.json").exists():
-        try:
-            parent = json.loads((src / "slimlm.json").read_text())
-        except ValueError:
-            parent = None
-    return {
-        "slimlm": __version__,
-        "kind": "align",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": g.spec,
-        "chat_template": {"from": g.chat_template_from if not g.had_template else g.spec,
-                          "sha256_16": template_hash(g.template)},
-        "sft": stages.get("sft"),
-        "dpo": stages.get("dpo"),
-        "tokens": sum((s or {}).get("tokens", 0) for s in stages.values()),
-        "hyperparameters": {
-            "seq_len": g.seq_len, "micro_batch": g.micro_batch, "global_batch": g.global_batch,
-            "grad_accumulation": g.accum, "processes": g.world, "warmup_requested": g.warmup,
-            "schedule": "cosine to lr/10", "clip": g.clip, "optimizer": "AdamW(0.9, 0.95)",
-            "weight_decay": g.weight_decay, "seed": g.seed,
-            "dtype": str(g.compute_dtype).replace("torch.", ""), "mixed_precision": g.mixed,
-        },
-        "elapsed_s": round(elapsed, 2),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "accelerate": accelerate.__version__, "trl": trl.__version__},
-        "parent": parent,
-    }
-
 
 def _cast_weights(folder: Path, dtype) -> None:
     """Store the floating-point weights of a saved checkpoint in `dtype` (mixed precision trains fp32 masters)."""
@@ -597,14 +534,13 @@ def _cast_weights(folder: Path, dtype) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _export(trainer, tok, out: Path, run_dir: Path, meta: dict, save_dtype, main: bool) -> None:
-    """The final model as a standard checkpoint in `out`, written atomically (run state carried over)."""
+def export_trained(trainer, tok, folder: RunFolder, meta: dict, save_dtype, main: bool) -> None:
+    """The final model as a standard checkpoint in the run's output folder, written atomically (run state carried over)."""
     import torch
 
     from ..card import write_model_card
-    from ..distill.export import _carry
 
-    staging = run_dir / "export"
+    out, staging = folder.out, folder.run / "export"
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # every process: gathers shards under FSDP / ZeRO-3
@@ -619,6 +555,6 @@ def _export(trainer, tok, out: Path, run_dir: Path, meta: dict, save_dtype, main
             shutil.move(str(f), str(tmp / f.name))
         staging.rmdir()
         tok.save_pretrained(tmp)  # with its chat template
-        _carry(out, tmp)
+        carry_run_state(out, tmp)
         atomic_write_json(tmp / "slimlm.json", meta)
         write_model_card(tmp)

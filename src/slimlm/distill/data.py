@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._io import atomic_write_text
 from ..data import DEFAULT_CORPUS, adds_bos
 from ..errors import SlimlmError
 
@@ -76,12 +76,7 @@ def chat_text_source(source, tokenizer, cache_dir: str | os.PathLike) -> str:
     path = Path(cache_dir) / f"chat-{key}.jsonl"
     if not path.exists():
         texts = render_chat_texts(read_conversations(source, need_assistant=False), tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".chat-", suffix=".jsonl", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in texts))
     return str(path)
 
 

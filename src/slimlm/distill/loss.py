@@ -1,14 +1,20 @@
 """Knowledge-distillation losses computed in token chunks, so vocab-sized memory stays bounded.
 
 A full-vocabulary logit tensor is large (vocab 128K x 8K tokens x fp32 = 4 GB, twice for
-teacher and student, more for softmax and its gradient).  `kd_loss` never builds it: it
-walks over the tokens in chunks and applies both LM heads inside each chunk.  By default
-(plain local head weights: one process or DDP) it takes the gradient of each chunk's
-logits during the forward and keeps only hidden- and weight-sized gradients
-(`_FusedHeadLoss`), so no logits are kept or recomputed.  With sharded heads (FSDP2 /
-ZeRO-3) each chunk is wrapped in `torch.utils.checkpoint` instead: its logits are freed
-after the forward and recomputed in backward.  Either way peak extra memory is a few
-`chunk_size x vocab` tensors whatever the sequence length.
+teacher and student, more for softmax and its gradient).  The losses here never build it:
+they walk over the tokens in chunks and apply both LM heads inside each chunk.  Three
+classes compute the same loss and gradients (each tested against `naive_kd_loss`):
+
+- `FusedKDLoss` (one process, DDP: plain local head weights) takes the gradient of each
+  chunk's logits during the forward and keeps only hidden- and weight-sized gradients
+  (`_FusedHeadLoss`), so no logits are kept or recomputed;
+- `CheckpointedKDLoss` (FSDP2 / ZeRO-3: sharded heads, gathered by their module call) wraps
+  each chunk in `torch.utils.checkpoint`: its logits are freed after the forward and
+  recomputed in backward;
+- `PlainKDLoss` keeps each chunk's graph (validation, where there is no backward).
+
+Either bounded path keeps peak extra memory at a few `chunk_size x vocab` tensors whatever
+the sequence length.  `kd_loss` is the one-call form.
 
 Losses (p = teacher distribution, q = student distribution, both at `temperature`):
 - ``kl``: forward KL(p || q) = sum p (log p - log q)   (Minitron's choice)
@@ -198,6 +204,19 @@ def _forward_kl_grad_(s, t, p, labels, temperature, scale_kd, scale_ce):
     return q, kl, ce, kl.detach()
 
 
+@dataclass(frozen=True)
+class _FusedPlan:
+    """What `_FusedHeadLoss` needs besides tensors (autograd Functions take them as one argument)."""
+
+    kind: str
+    temperature: float
+    teacher_head: LinearHead | None
+    softcap: float | None
+    chunk: int
+    scale_kd: float
+    scale_ce: float
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Student LM head + loss in token chunks, with the gradient taken during the forward.
 
@@ -212,8 +231,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, cfg, t_hidden, t_logits, labels):
-        kind, temperature, t_head, softcap, chunk, scale_kd, scale_ce = cfg
+    def forward(ctx, hidden, weight, bias, plan: _FusedPlan, t_hidden, t_logits, labels):
+        kind, temperature, t_head, softcap, chunk = plan.kind, plan.temperature, plan.teacher_head, plan.softcap, plan.chunk
+        scale_kd, scale_ce = plan.scale_kd, plan.scale_ce
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = torch.promote_types(hidden.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -276,6 +296,176 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# ---- the loss classes ------------------------------------------------------------------------------
+@dataclass
+class LossInputs:
+    """One call's tensors after masking, with only what the loss kind uses (the rest None).
+
+    `teacher_hidden` is set only when the teacher's logits are to be built from it; `labels`
+    only when the cross-entropy term counts.
+    """
+
+    hidden: torch.Tensor
+    head: LinearHead
+    teacher_hidden: torch.Tensor | None
+    teacher_head: LinearHead | None
+    teacher_logits: torch.Tensor | None
+    labels: torch.Tensor | None
+    n_tokens: int
+    n_labels: int
+    kd_scale: float  # temperature**2 / tokens (0 for loss 'none')
+    ce_scale: float  # the cross-entropy term's weight / counted labels (0 without the term)
+
+
+class ChunkedKDLoss:
+    """Distillation loss of a student against a teacher, averaged over tokens, computed in token chunks.
+
+    A loss object holds the loss's settings; calling it takes the tensors:
+    ``loss(student_hidden, student_head, teacher_hidden, teacher_head, labels=..., mask=...)``.
+
+    Settings:
+        loss: 'kl' (forward), 'reverse-kl', 'jsd' or 'none' (plain LM loss through the labels).
+        temperature: softmax temperature of both distributions; the term is scaled by T**2.
+        ce_weight: weight of the student cross-entropy on `labels` (computed at temperature 1).
+        chunk_size: tokens per chunk; peak extra memory is about 4 x chunk_size x V floats.
+            0 means one chunk of all tokens (full-logit memory).
+
+    Call arguments:
+        student_hidden: [N, Hs] final hidden states (after the final norm) of the student.
+        student_head: the student LM head: weight [V, Hs], a (weight, bias) pair or a module.
+        teacher_hidden / teacher_head: the same for the teacher (the teacher runs without grad);
+            or `teacher_logits` [N, V] precomputed instead (then memory is the caller's).
+        labels: [N] next-token ids for the cross-entropy term; IGNORE_INDEX (-100) entries are
+            skipped.  Needed when `ce_weight > 0` or for loss 'none'.
+        mask: [N] bool, the tokens that count; the others are dropped before any matmul.
+
+    Returns a `LossOutput`; ``loss = T**2 * kd + ce_weight * ce``.  The three subclasses
+    compute the same value and gradients with different memory and time: `PlainKDLoss`,
+    `CheckpointedKDLoss`, `FusedKDLoss`.
+    """
+
+    def __init__(self, loss: str = "kl", temperature: float = 1.0, ce_weight: float = 0.0, chunk_size: int = 512):
+        self.kind = check_loss_name(loss)
+        if temperature <= 0:
+            raise SlimlmError(f"temperature must be positive, got {temperature}")
+        self.temperature, self.ce_weight, self.chunk_size = temperature, ce_weight, chunk_size
+
+    def __call__(self, student_hidden, student_head: Head, teacher_hidden=None, teacher_head: Head | None = None, *,
+                 teacher_logits=None, student_bias=None, teacher_bias=None, labels=None, mask=None,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None) -> LossOutput:
+        x = self.inputs(student_hidden, student_head, teacher_hidden, teacher_head, teacher_logits, student_bias,
+                        teacher_bias, labels, mask, student_softcap, teacher_softcap)
+        return self.compute(x)
+
+    def compute(self, x: LossInputs) -> LossOutput:
+        raise NotImplementedError
+
+    def chunk(self, n: int) -> int:
+        """Tokens per chunk for `n` tokens (chunk_size 0: all of them)."""
+        return self.chunk_size if self.chunk_size > 0 else max(n, 1)
+
+    def inputs(self, hidden, head, t_hidden, t_head, t_logits, bias, t_bias, labels, mask, softcap,
+               t_softcap) -> LossInputs:
+        """Check the call, drop masked tokens, and keep only what this loss kind uses."""
+        kind = self.kind
+        if kind == "none" and labels is None:
+            raise SlimlmError("loss 'none' needs labels (plain LM loss)")
+        use_teacher = kind != "none" or t_hidden is not None or t_logits is not None
+        if use_teacher and t_logits is None and (t_hidden is None or t_head is None):
+            raise SlimlmError(f"loss '{kind}' needs the teacher's hidden states and LM head, or its logits")
+        if mask is not None:
+            keep = mask.reshape(-1).bool()
+            hidden = hidden[keep]
+            t_hidden = t_hidden[keep] if t_hidden is not None else None
+            t_logits = t_logits[keep] if t_logits is not None else None
+            labels = labels[keep] if labels is not None else None
+        n = hidden.shape[0]
+        with_ce = labels is not None and (self.ce_weight > 0 or kind == "none")
+        n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+        return LossInputs(
+            hidden=hidden, head=as_head(head, bias, softcap),
+            teacher_hidden=t_hidden if (use_teacher and t_logits is None) else None,
+            teacher_head=as_head(t_head, t_bias, t_softcap) if t_head is not None else None,
+            teacher_logits=t_logits if use_teacher else None,
+            labels=labels if with_ce else None, n_tokens=n, n_labels=n_labels,
+            kd_scale=self.temperature**2 / max(n, 1) if kind != "none" else 0.0,
+            ce_scale=((1.0 if kind == "none" else self.ce_weight) / max(n_labels, 1)) if with_ce else 0.0,
+        )
+
+
+class PlainKDLoss(ChunkedKDLoss):
+    """Chunk by chunk with ordinary autograd: each chunk's logits stay in the graph until backward.
+
+    The reference among the three, and the path of validation (no gradients, so nothing is kept).
+    """
+
+    checkpointed = False
+
+    def compute(self, x: LossInputs) -> LossOutput:
+        kind, temperature = self.kind, self.temperature
+
+        def chunk_terms(sh, th, tl, lab):
+            if tl is None and th is not None:
+                with torch.no_grad():
+                    tl = x.teacher_head(th)
+            return _chunk_terms(kind, temperature, x.head(sh), tl, lab)
+
+        acc = torch.promote_types(x.hidden.dtype, torch.float32)
+        kd_sum = ce_sum = kl_sum = x.hidden.new_zeros((), dtype=acc)
+        step = self.chunk(x.n_tokens)
+        recompute = self.checkpointed and self.chunk_size > 0 and torch.is_grad_enabled()
+        for start in range(0, x.n_tokens, step):
+            sl = slice(start, start + step)
+            args = [t[sl] if t is not None else None for t in (x.hidden, x.teacher_hidden, x.teacher_logits, x.labels)]
+            kd, ce, kl = checkpoint(chunk_terms, *args, use_reentrant=False) if recompute else chunk_terms(*args)
+            kd_sum = kd_sum + kd
+            ce_sum = ce_sum + ce
+            kl_sum = kl_sum + kl
+        n, n_labels = max(x.n_tokens, 1), max(x.n_labels, 1)
+        kd_mean, ce_mean = kd_sum / n, ce_sum / n_labels
+        total = kd_mean * (temperature**2) if kind != "none" else kd_mean * 0.0
+        if x.labels is not None:
+            total = total + (ce_mean if kind == "none" else self.ce_weight * ce_mean)
+        return LossOutput(loss=total, kd=kd_mean.detach(), ce=ce_mean.detach(), kl=(kl_sum / n).detach(),
+                          n_tokens=x.n_tokens, n_labels=x.n_labels)
+
+
+class CheckpointedKDLoss(PlainKDLoss):
+    """Each chunk wrapped in `torch.utils.checkpoint`: its logits are freed after the forward and rebuilt in backward.
+
+    Costs a second head matmul for student and teacher in backward (the loss takes ~1.5-2x as
+    long); works with any head, including a sharded one gathered by its module call (FSDP2 /
+    ZeRO-3).  With chunk_size 0 (one chunk) there is nothing to save and it runs plain.
+    """
+
+    checkpointed = True
+
+
+class FusedKDLoss(CheckpointedKDLoss):
+    """The student head and the loss in one autograd Function that takes each chunk's logit gradient in the forward.
+
+    Only hidden- and weight-sized gradients are kept, no logits are kept or recomputed: the
+    fastest bounded-memory path (see `_FusedHeadLoss`).  It needs the student head as plain
+    local tensors (one process, DDP) and gradients; otherwise (a sharded head, or no grad) it
+    computes as `CheckpointedKDLoss`.
+    """
+
+    def compute(self, x: LossInputs) -> LossOutput:
+        lin = x.head.linear()
+        needs_grad = lin is not None and torch.is_grad_enabled() and (
+            x.hidden.requires_grad or lin[0].requires_grad or (lin[1] is not None and lin[1].requires_grad))
+        if not needs_grad:
+            return super().compute(x)
+        # The teacher head runs inside the Function's forward, where grad mode is off: it builds no graph.
+        plan = _FusedPlan(self.kind, self.temperature, x.teacher_head, x.head.softcap, self.chunk(x.n_tokens),
+                          x.kd_scale, x.ce_scale)
+        total, sums = _FusedHeadLoss.apply(x.hidden, lin[0], lin[1], plan, x.teacher_hidden, x.teacher_logits,
+                                           x.labels)
+        n, n_labels = max(x.n_tokens, 1), max(x.n_labels, 1)
+        return LossOutput(loss=total, kd=sums[0].detach() / n, ce=sums[1].detach() / n_labels,
+                          kl=sums[2].detach() / n, n_tokens=x.n_tokens, n_labels=x.n_labels)
+
+
 def kd_loss(
     student_hidden: torch.Tensor,
     student_head: Head,
@@ -296,109 +486,16 @@ def kd_loss(
     recompute: bool = True,
     fused: bool = True,
 ) -> LossOutput:
-    """Distillation loss of a student against a teacher, averaged over tokens, in token chunks.
+    """The chunked distillation loss in one call (see `ChunkedKDLoss` for the arguments).
 
-    Args:
-        student_hidden: [N, Hs] final hidden states (after the final norm) of the student.
-        student_head: the student LM head: weight [V, Hs], a (weight, bias) pair or a module.
-        teacher_hidden / teacher_head: the same for the teacher (the teacher runs without grad);
-            or pass `teacher_logits` [N, V] precomputed instead (then memory is the caller's).
-        labels: [N] next-token ids for the optional cross-entropy term; IGNORE_INDEX (-100)
-            entries are skipped.  Needed when `ce_weight > 0` or for loss 'none'.
-        mask: [N] bool, the tokens that count; the others are dropped before any matmul.
-        loss: 'kl' (forward), 'reverse-kl', 'jsd' or 'none'.
-        temperature: softmax temperature of both distributions; the term is scaled by T**2.
-        ce_weight: weight of the student cross-entropy on `labels` (computed at temperature 1).
-        chunk_size: tokens per chunk; peak extra memory is about 4 x chunk_size x V floats.
-            0 means one chunk without recomputation: fastest, but full-logit memory.
-        fused: when gradients are needed and the student head is a plain local weight (single
-            process, DDP), compute the gradient of each chunk's logits during the forward and
-            keep only hidden/weight-sized gradients (no logits kept, none recomputed): the
-            fastest bounded-memory path.  False, or a sharded head (FSDP2 / ZeRO-3), falls back
-            to `recompute`.
-        recompute: checkpoint each chunk (logits rebuilt in backward instead of kept).  It costs
-            a second head matmul for student and teacher in backward (the loss takes ~1.5-2x
-            as long); the memory saved is what lets long sequences and big vocabularies fit.
-
-    Returns a `LossOutput`; ``loss = T**2 * kd + ce_weight * ce``.
+    `fused` picks `FusedKDLoss` (which falls back to checkpointing where it cannot fuse);
+    otherwise `recompute` picks `CheckpointedKDLoss`, and False `PlainKDLoss`.
     """
-    kind = check_loss_name(loss)
-    if temperature <= 0:
-        raise SlimlmError(f"temperature must be positive, got {temperature}")
-    if kind == "none" and labels is None:
-        raise SlimlmError("loss 'none' needs labels (plain LM loss)")
-    use_teacher = kind != "none" or teacher_hidden is not None or teacher_logits is not None
-    if use_teacher and teacher_logits is None and (teacher_hidden is None or teacher_head is None):
-        raise SlimlmError(f"loss '{kind}' needs the teacher's hidden states and LM head, or its logits")
-    s_head = as_head(student_head, student_bias, student_softcap)
-    t_head = as_head(teacher_head, teacher_bias, teacher_softcap) if teacher_head is not None else None
-
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        student_hidden = student_hidden[keep]
-        teacher_hidden = teacher_hidden[keep] if teacher_hidden is not None else None
-        teacher_logits = teacher_logits[keep] if teacher_logits is not None else None
-        labels = labels[keep] if labels is not None else None
-    n = student_hidden.shape[0]
-    if chunk_size <= 0:
-        chunk_size, recompute = max(n, 1), False
-    with_ce = labels is not None and (ce_weight > 0 or kind == "none")
-    n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
-
-    kd_scale = temperature**2 / max(n, 1) if kind != "none" else 0.0
-    ce_scale = ((1.0 if kind == "none" else ce_weight) / max(n_labels, 1)) if with_ce else 0.0
-    lin = s_head.linear() if fused else None
-    if lin is not None and torch.is_grad_enabled() and (student_hidden.requires_grad or lin[0].requires_grad
-                                                        or (lin[1] is not None and lin[1].requires_grad)):
-        # t_head runs inside the Function's forward, where grad mode is off: the teacher builds no graph.
-        cfg = (kind, temperature, t_head, s_head.softcap, chunk_size, kd_scale, ce_scale)
-        total, sums = _FusedHeadLoss.apply(
-            student_hidden, lin[0], lin[1], cfg,
-            teacher_hidden if (use_teacher and teacher_logits is None) else None,
-            teacher_logits if use_teacher else None,
-            labels if with_ce else None,
-        )
-        return LossOutput(loss=total, kd=sums[0].detach() / max(n, 1), ce=sums[1].detach() / max(n_labels, 1),
-                          kl=sums[2].detach() / max(n, 1), n_tokens=n, n_labels=n_labels)
-
-    def chunk_fn(sh, th, tl, lab):
-        if tl is None and th is not None:
-            with torch.no_grad():
-                tl = t_head(th)
-        return _chunk_terms(kind, temperature, s_head(sh), tl if use_teacher else None, lab)
-
-    acc = torch.promote_types(student_hidden.dtype, torch.float32)
-    kd_sum = ce_sum = kl_sum = student_hidden.new_zeros((), dtype=acc)
-    grad = torch.is_grad_enabled()
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (
-            student_hidden[sl],
-            teacher_hidden[sl] if (teacher_hidden is not None and teacher_logits is None and use_teacher) else None,
-            teacher_logits[sl] if (teacher_logits is not None and use_teacher) else None,
-            labels[sl] if with_ce else None,
-        )
-        if recompute and grad:
-            kd, ce, kl = checkpoint(chunk_fn, *args, use_reentrant=False)
-        else:
-            kd, ce, kl = chunk_fn(*args)
-        kd_sum = kd_sum + kd
-        ce_sum = ce_sum + ce
-        kl_sum = kl_sum + kl
-
-    kd_mean = kd_sum / max(n, 1)
-    ce_mean = ce_sum / max(n_labels, 1)
-    total = kd_mean * (temperature**2) if kind != "none" else kd_mean * 0.0
-    if with_ce:
-        total = total + (ce_mean if kind == "none" else ce_weight * ce_mean)
-    return LossOutput(
-        loss=total,
-        kd=kd_mean.detach(),
-        ce=ce_mean.detach(),
-        kl=(kl_sum / max(n, 1)).detach(),
-        n_tokens=n,
-        n_labels=n_labels,
-    )
+    cls = FusedKDLoss if fused else (CheckpointedKDLoss if recompute else PlainKDLoss)
+    return cls(loss, temperature, ce_weight, chunk_size)(
+        student_hidden, student_head, teacher_hidden, teacher_head, teacher_logits=teacher_logits,
+        student_bias=student_bias, teacher_bias=teacher_bias, labels=labels, mask=mask,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap)
 
 
 def naive_kd_loss(student_logits, teacher_logits=None, *, labels=None, mask=None, loss="kl", temperature=1.0,

@@ -1,14 +1,13 @@
-"""The two modules the trainer runs: a frozen teacher and the student with its loss.
+"""The modules the trainer runs: a frozen teacher, the student with its loss, and `Distillation`, both in one.
 
-Both are thin `nn.Module` wrappers so that Accelerate can prepare them as a whole: under
-FSDP2 or ZeRO-3 the wrapper is the root module, so every parameter (including the LM head
-used inside the chunked loss) is gathered by the usual module hooks.  They expose the
-attributes Accelerate's FSDP2 auto-wrap looks for (`_no_split_modules`, the embeddings,
-`base_model_prefix`) by delegating to the wrapped Hugging Face model.
+`Distillation` is the one module the trainer gives Accelerate: under FSDP2 or ZeRO-3 it is the
+root, and its forward runs the teacher, the student and the chunked loss (both LM heads
+included), so no sharded module is ever called outside the root's forward and backward.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimlmError
-from .loss import IGNORE_INDEX, as_head, kd_loss
+from .loss import IGNORE_INDEX, CheckpointedKDLoss, FusedKDLoss, PlainKDLoss, as_head
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -116,27 +115,7 @@ def tap_layers(model: nn.Module, indices):
             h.remove()
 
 
-class _Delegating(nn.Module):
-    """Expose what Accelerate's FSDP2 preparation reads from a Hugging Face model."""
-
-    base_model_prefix = "base"
-
-    @property
-    def base(self) -> nn.Module:
-        return decoder(self.hf_model)
-
-    @property
-    def _no_split_modules(self):
-        return getattr(self.hf_model, "_no_split_modules", None)
-
-    def get_input_embeddings(self):
-        return self.hf_model.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.hf_model.get_output_embeddings()
-
-
-class TeacherForward(_Delegating):
+class TeacherForward(nn.Module):
     """A frozen teacher returning final hidden states (and tapped layers), never logits."""
 
     def __init__(self, model: nn.Module, tap: tuple[int, ...] = ()):
@@ -168,7 +147,7 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-class StudentObjective(_Delegating):
+class StudentObjective(nn.Module):
     """The student plus its training loss (KD, LM, optional hidden-state cosine).
 
     `forward(input_ids, teacher_hidden, teacher_taps, teacher_head)` returns a dict of
@@ -199,7 +178,13 @@ class StudentObjective(_Delegating):
         self.mode, self.loss_name, self.temperature = mode, loss, temperature
         self.ce_weight, self.hidden_loss, self.hidden_weight = ce_weight, hidden_loss, hidden_weight
         self.layer_map = list(layer_map or [])
-        self.chunk_size, self.fused = chunk_size, fused  # fused: see kd_loss (False under FSDP2 / ZeRO-3)
+        self.chunk_size, self.fused = chunk_size, fused
+        # The training loss: FusedKDLoss needs the head weight as a plain local tensor (one process, DDP,
+        # FSDP2's root unit) and falls back to checkpointed chunks by itself where a weight is
+        # partitioned (ZeRO-3); fused=False forces CheckpointedKDLoss.
+        loss_class = FusedKDLoss if fused else CheckpointedKDLoss
+        self.train_loss = loss_class("none", chunk_size=chunk_size) if mode == "lm" else \
+            loss_class(loss, temperature, ce_weight, chunk_size)
         hs = student.config.hidden_size
         # Width-pruned students have fewer hidden channels than the teacher: a learned linear map
         # (trained with the student, not exported) brings them to the teacher's width.
@@ -223,19 +208,13 @@ class StudentObjective(_Delegating):
         if logit_scale(self.hf_model) != 1.0:
             flat = flat * logit_scale(self.hf_model)
         t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
-        if metrics:
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels,
-                          loss="kl" if t_flat is not None else "none", temperature=1.0, ce_weight=1.0,
-                          chunk_size=self.chunk_size, recompute=False)
+        if metrics:  # called under no_grad: the plain chunks keep nothing
+            kind = "kl" if t_flat is not None else "none"
+            out = PlainKDLoss(kind, 1.0, 1.0, self.chunk_size)(flat, lm_head(self.hf_model), t_flat, teacher_head,
+                                                              labels=labels)
             return torch.stack([out.kl * out.n_tokens, out.ce * out.n_labels,
                                 flat.new_tensor(out.n_tokens), flat.new_tensor(out.n_labels)]).float()
-        if self.mode == "lm":
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss="none",
-                          chunk_size=self.chunk_size, fused=self.fused)
-        else:
-            out = kd_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels, loss=self.loss_name,
-                          temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size,
-                          fused=self.fused)
+        out = self.train_loss(flat, lm_head(self.hf_model), t_flat, teacher_head, labels=labels)
         loss = out.loss
         h_loss = loss.new_zeros(())
         if tap:
@@ -255,3 +234,82 @@ class StudentObjective(_Delegating):
                 hs = self.proj(hs)
             terms.append(1 - F.cosine_similarity(hs.float(), teacher_taps[t].float(), dim=-1).mean())
         return torch.stack(terms).mean()
+
+
+class Distillation(nn.Module):
+    """The student objective and the frozen teacher as one module: ``forward(input_ids)`` runs the teacher
+    (no grad), the student and the loss, and returns `StudentObjective`'s dict (``metrics=True``: its sums).
+
+    This is the module Accelerate prepares, so under FSDP2 and ZeRO-3 it is the root and every call
+    into teacher and student happens inside its forward.  Under FSDP2 the decoder layers of both
+    models become units (the union of their ``_no_split_modules``), and everything else, i.e. the
+    embeddings, final norms and both LM heads, stays in the root unit, which is gathered from the
+    start of the root's forward to the end of its backward.  The LM heads are therefore plain
+    local tensors wherever the chunked loss uses them, in the forward and in a recomputation during
+    backward, whatever the torch version; the fused loss can use them directly.  (Exposing the
+    embeddings would let Accelerate carve the final norm and LM head into a separate grouped unit;
+    torch 2.11 runs such a unit's hooks once per round of its modules, which an LM head called
+    once per loss chunk breaks: the unit was resharded during backward and the head recomputed
+    for an earlier chunk met sharded weights.)
+
+    The teacher is not part of the state dict (checkpoints, export) except inside
+    `teacher_in_state_dict()`, which the trainer uses around `accelerator.prepare`: Accelerate's
+    FSDP2 loading fills every shard, the teacher's too, from the main process's state dict.
+    """
+
+    def __init__(self, objective: StudentObjective, teacher: TeacherForward | None = None):
+        super().__init__()
+        self.objective = objective
+        self.teacher = teacher
+        self._with_teacher = False
+        # Loading a checkpoint leaves the teacher as it is: its keys are not expected there.
+        self.register_load_state_dict_post_hook(Distillation._teacher_keys_not_missing)
+
+    @property
+    def _no_split_modules(self):
+        """The decoder layer classes of both models: Accelerate's FSDP2 auto-wrap makes each layer a unit."""
+        names = []
+        for model in self._hf_models():
+            names += [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in names]
+        return names
+
+    def _hf_models(self):
+        return [self.objective.hf_model] + ([self.teacher.hf_model] if self.teacher is not None else [])
+
+    def tie_weights(self, *args, **kwargs):
+        """Re-tie each model's embeddings and LM head (Accelerate calls this after moving the model to meta)."""
+        for model in self._hf_models():
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, metrics: bool = False):
+        t_hidden = t_taps = t_head = None
+        if self.teacher is not None:
+            t_head = lm_head(self.teacher.hf_model)
+            if metrics or self.objective.mode == "kd":
+                t_hidden, t_taps = self.teacher(input_ids)
+        return self.objective(input_ids, t_hidden, t_taps, t_head, metrics=metrics)
+
+    @contextmanager
+    def teacher_in_state_dict(self):
+        """Include the teacher's weights in `state_dict()` inside this block (model preparation)."""
+        self._with_teacher = True
+        try:
+            yield self
+        finally:
+            self._with_teacher = False
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self._with_teacher:
+            for key in [k for k in out if k.startswith(prefix + "teacher.")]:
+                del out[key]
+        return out
+
+    def _teacher_keys_not_missing(self, incompatible_keys) -> None:
+        if not self._with_teacher:  # keys are relative to the outermost module (DDP adds "module.")
+            for key in [k for k in incompatible_keys.missing_keys if _TEACHER_KEY.match(k)]:
+                incompatible_keys.missing_keys.remove(key)
+
+
+_TEACHER_KEY = re.compile(r"^(?:(?:module|_orig_mod)\.)*teacher\.")

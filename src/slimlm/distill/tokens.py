@@ -52,6 +52,17 @@ def default_token_cache() -> Path:
     return cache_dir() / "tokens"
 
 
+def usable_token_cache(folder: str | os.PathLike | None = None) -> Path:
+    """The token cache folder (`folder`, else `default_token_cache()`), checked writable before any work."""
+    from .._io import probe_writable
+
+    path = Path(folder).expanduser() if folder is not None else default_token_cache()
+    if path.exists() and not path.is_dir():
+        raise SlimlmError(f"the token cache {path} is a file; give a folder with --token-cache")
+    probe_writable(path, what="token cache", inside=True)
+    return path
+
+
 def stream_fingerprint(tokenizer) -> str:
     """A hash of what decides a tokenizer's ids for plain text: its full definition, class and EOS."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -14,6 +14,7 @@ import importlib
 _WHERE = {
     "perplexity": "ppl",
     "check_eval_args": "runner",
+    "check_models": "runner",
     "count_parameters": "runner",
     "evaluate": "runner",
     "load_results": "runner",

@@ -25,26 +25,19 @@ def compare(models: Sequence[str], config: EvalConfig | None = None, *, output: 
     ``chat_answers.jsonl`` (in `output`, a folder or a .jsonl file; default the first model's folder).
     Returns ``{"models": [result, ...], "chat_answers"?: path}``.
     """
-    from ..models import load_config
-    from .runner import check_eval_args, evaluate
+    from .runner import check_eval_args, check_models, evaluate
 
     c = EvalConfig.make(config, **overrides)
     if not models:
         raise SlimlmError("give at least one model to evaluate")
     check_eval_args(c)
-    for spec in models:
-        load_config(spec)
+    check_models(models, c, chat=c.chat_prompts is not None or c.chat_template)
     if output is not None and c.chat_prompts is not None:
         from .._io import check_writable_output
         from .chat import answers_path
 
-        check_writable_output(answers_path([], output), overwrite=True)
-    if c.chat_prompts is not None or c.chat_template:
-        from ..models import load_tokenizer
-        from .chat import require_chat_template
-
-        for spec in models:
-            require_chat_template(load_tokenizer(spec), spec)
+        # Replacing an earlier answers file is fine; the prompts file or a model's own file is not.
+        check_writable_output(answers_path([], output), overwrite=True, inputs=[c.chat_prompts, *models], folder=False)
     results = []
     for spec in models:
         if progress:

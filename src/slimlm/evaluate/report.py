@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_not_an_input, probe_writable
 from ..errors import SlimlmError
 from .compare import comparison_rows, model_name
 from .runner import EVAL_FILE, load_results
@@ -569,14 +569,11 @@ def write_report(
     """
     run = collect_run(run_dir, extra_evals)
     out = Path(output).expanduser() if output is not None else run.root / "report"
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
+    if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists()):
         # The folder is replaced whole: never one that holds something else.
         raise SlimlmError(f"{out} exists and is not a slimlm report folder; choose another --output")
-    probe = out.parent if not out.exists() else out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise SlimlmError(f"cannot write the report to {out}: permission denied (choose another with --output)")
+    check_not_an_input(out, [run.root, *extra_evals])
+    probe_writable(out, what="report")
     if not (run.scores or run.metrics or run.evals or run.searches):
         raise SlimlmError(f"nothing to report in {run.root}: no *scores*.safetensors, metrics.jsonl, eval.json or "
                           "search rungs found")

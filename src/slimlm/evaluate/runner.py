@@ -59,6 +59,31 @@ def check_eval_args(config: EvalConfig | None = None, **overrides) -> dict:
     return {"tasks": task_list, "task_data": data}
 
 
+def check_models(models: Sequence, config: EvalConfig | None = None, *, chat: bool = False, **overrides) -> None:
+    """Check every model before any loads: its config, weights and tokenizer are readable, the lengths
+    asked fit its positions, and (`chat`) its tokenizer has a chat template."""
+    from ..models import load_config, load_tokenizer
+
+    c = EvalConfig.make(config, **overrides)
+    for spec in models:
+        if not isinstance(spec, (str, os.PathLike)):
+            continue
+        model_config = load_config(str(spec))
+        tokenizer = load_tokenizer(str(spec))
+        if chat:
+            from .chat import require_chat_template
+
+            require_chat_template(tokenizer, str(spec))
+        limit = getattr(model_config, "max_position_embeddings", None)
+        if not limit:
+            continue
+        if c.ppl is not None and c.seq_len > limit:
+            raise SlimlmError(f"--seq-len {c.seq_len} is past the limit of {spec}, {limit} positions")
+        if c.speed and c.prompt_len + c.new_tokens > limit:
+            raise SlimlmError(f"--prompt-len {c.prompt_len} + --new-tokens {c.new_tokens} is past the limit of {spec}, "
+                              f"{limit} positions")
+
+
 def evaluate(model, tokenizer=None, config: EvalConfig | None = None, *, progress: bool = False, **overrides) -> dict:
     """Evaluate one model: perplexity on `ppl`, lm-eval `tasks`, `speed` and chat answers (settings: `EvalConfig`).
 
@@ -76,6 +101,7 @@ def evaluate(model, tokenizer=None, config: EvalConfig | None = None, *, progres
     if isinstance(model, (str, os.PathLike)):
         from ..models import load_model, load_tokenizer, resolve_model_path
 
+        check_models([model], c)
         spec = str(model)
         folder = resolve_model_path(spec)
         tokenizer = tokenizer or load_tokenizer(spec)
@@ -145,6 +171,14 @@ def save_results(result: dict, folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         return None
+    try:
+        return _merge_results(result, folder)
+    except OSError as exc:  # a read-only folder (os.access says yes to root everywhere): results stay in memory
+        print(f"warning: results not saved in {folder}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def _merge_results(result: dict, folder: Path) -> str:
     path = folder / EVAL_FILE
     stamp = weights_stamp(folder)
     merged = load_results(path) or {}

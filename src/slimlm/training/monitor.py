@@ -63,14 +63,15 @@ def _plain(value):
     return str(value)
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
     """A tqdm bar over optimizer steps (it shows the ETA); None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="distill", leave=True)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc, leave=True)
 
 
 def fmt_rate(tokens_per_s: float) -> str:
+    """Tokens per second for the progress bar: '950' or '12.3k'."""
     return f"{tokens_per_s / 1000:.1f}k" if tokens_per_s >= 1000 else f"{tokens_per_s:.0f}"

@@ -15,7 +15,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

@@ -56,6 +56,7 @@ from .adapters.base import (
     _has,
 )
 from .errors import SlimlmError
+from .models import decoder
 
 SEQ_AGGREGATIONS = ("mean", "l2", "var")
 BATCH_AGGREGATIONS = ("l2", "mean", "var")
@@ -485,7 +486,7 @@ def activation_scores(
         for batch in tqdm(list(windows.split(batch_size)), desc="importance", unit="batch", disable=not progress):
             collectors.start_batch(batch)
             # The decoder alone: the LM head over the full vocabulary feeds no score.
-            model.base_model(input_ids=batch.to(device), use_cache=False)
+            decoder(model)(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

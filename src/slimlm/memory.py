@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SlimlmError
+from .models import decoder
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS workspaces + allocator slack, per GPU
@@ -78,8 +79,7 @@ def parameter_count(config) -> dict:
 
 
 def _layers(model):
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return list(dec.layers)
+    return list(decoder(model).layers)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -130,12 +130,8 @@ def _saved_bytes(model, tokens: int) -> int:
 
     ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
     return sum(seen.values()) + hidden.numel() * hidden.element_size()
-
-
-def _decoder(model):
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def activation_bytes_per_token(config, dtype: torch.dtype) -> float:
@@ -464,7 +460,6 @@ def student_config(teacher_config, targets):
 
 def plan_run(recipe, memory) -> list[tuple[str, MemoryPlan]]:
     """What `slimlm run --dry-run` prints: a plan for each training stage of the recipe."""
-    from .config import PruneConfig
     from .models import load_config
 
     r = recipe

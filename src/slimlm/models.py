@@ -275,6 +275,16 @@ def check_device_map(device_map) -> None:
                           f"got '{device_map}'") from None
 
 
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, final norm) of a causal LM: what importance, streaming,
+    the memory planner and distillation run without the LM head.  The one way slimlm reaches it (the
+    adapters' `layers_path` names the layer list inside it, for slicing and depth pruning)."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or not hasattr(dec, "layers"):
+        raise SlimlmError(f"{type(model).__name__} has no decoder with .layers")
+    return dec
+
+
 def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device_map: str | dict | None = None):
     """Load a causal LM for inference or training.
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .errors import SlimlmError
+from .models import decoder
 
 
 @contextlib.contextmanager
@@ -144,7 +145,7 @@ class LayerStream:
             self.adapter.set_layers(self.model, recorders)
             try:
                 for batch in batches:
-                    self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
+                    decoder(self.model)(input_ids=batch.to(self.device), use_cache=False)
             except (IndexError, TypeError, RuntimeError):
                 if as_tuple:
                     raise

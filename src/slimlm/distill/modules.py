@@ -15,15 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimlmError
+from ..models import decoder
 from .loss import IGNORE_INDEX, CheckpointedKDLoss, FusedKDLoss, PlainKDLoss, as_head
-
-
-def decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm) of a causal LM."""
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or not hasattr(dec, "layers"):
-        raise SlimlmError(f"{type(model).__name__} has no decoder with .layers; cannot distill it")
-    return dec
 
 
 def lm_head(model: nn.Module):

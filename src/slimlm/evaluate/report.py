@@ -271,7 +271,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
     """Plots of one scores file; each is skipped when its tensor is missing."""
     plt = _plt()
     t, meta = scores["tensors"], scores["meta"]
-    figs: list[Figure] = []
+    figures = (fig(plt, tag, t, meta) for fig in SCORE_FIGURES)
+    return [f for f in figures if f is not None]
+
+
+def _figure_layers(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     depth = _depth_metrics(t)
     if depth:
         fig, axes = plt.subplots(len(depth), 1, figsize=(8, 2.6 * len(depth)), squeeze=False)
@@ -281,7 +285,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
             ax.set_xlabel("layer")
             ax.set_ylabel("importance")
             _integer_ticks(ax)
-        figs.append(Figure(f"{tag}layers", "Layer importance", _png(fig), "Higher = more important; depth pruning drops the lowest."))
+        return Figure(f"{tag}layers", "Layer importance", _png(fig), "Higher = more important; depth pruning drops the lowest.")
+    return None
+
+
+def _figure_blocks(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     blocks = meta.get("block_losses")
     if isinstance(blocks, dict) and blocks:
         fig, ax = plt.subplots(figsize=(8, 3))
@@ -292,7 +300,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         ax.set_ylabel("LM loss without the block")
         _integer_ticks(ax)
         ax.legend(fontsize=8)
-        figs.append(Figure(f"{tag}blocks", "Contiguous blocks", _png(fig), "LM loss after removing K consecutive layers starting at each layer."))
+        return Figure(f"{tag}blocks", "Contiguous blocks", _png(fig), "LM loss after removing K consecutive layers starting at each layer.")
+    return None
+
+
+def _figure_heads(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     heads = t.get("heads")
     if heads is not None and heads.dim() == 2:
         fig, ax = plt.subplots(figsize=(min(2 + 0.5 * heads.shape[1], 12), min(1.5 + 0.3 * heads.shape[0], 10)))
@@ -302,7 +314,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         _integer_ticks(ax)
         _integer_yticks(ax)
         fig.colorbar(im, ax=ax, label="importance")
-        figs.append(Figure(f"{tag}heads", "Attention-head importance", _png(fig)))
+        return Figure(f"{tag}heads", "Attention-head importance", _png(fig))
+    return None
+
+
+def _figure_neurons(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     ffn = t.get("ffn")
     if ffn is not None and ffn.dim() == 2 and ffn.numel():  # MoE-only models (Mixtral) have no dense MLP
         # Neurons are ranked within their layer, so each row is shown relative to its max.
@@ -312,7 +328,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         ax.set_ylabel("layer")
         _integer_yticks(ax)
         fig.colorbar(im, ax=ax, label="importance / layer max (log)")
-        figs.append(Figure(f"{tag}neurons", "MLP-neuron importance", _png(fig), "Each layer scaled by its largest score (log colour scale)."))
+        return Figure(f"{tag}neurons", "MLP-neuron importance", _png(fig), "Each layer scaled by its largest score (log colour scale).")
+    return None
+
+
+def _figure_hidden(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     hidden = t.get("hidden")
     if hidden is not None and hidden.dim() == 1:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -332,7 +352,11 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         b.set_ylabel("score")
         b.set_yscale("log" if float(hidden.min()) > 0 else "linear")
         b.set_title("sorted", fontsize=10)
-        figs.append(Figure(f"{tag}hidden", "Hidden-channel importance", _png(fig), "Scores summed over every norm site feeding a projection."))
+        return Figure(f"{tag}hidden", "Hidden-channel importance", _png(fig), "Scores summed over every norm site feeding a projection.")
+    return None
+
+
+def _figure_experts(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     panels = expert_panels(t)
     if panels:
         n_layers, n_experts = panels[0][1].shape
@@ -346,9 +370,13 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
             _integer_ticks(ax)
             _integer_yticks(ax)
             fig.colorbar(im, ax=ax, label=label)
-        figs.append(Figure(f"{tag}experts", "Expert importance", _png(fig),
+        return Figure(f"{tag}experts", "Expert importance", _png(fig),
                            "Experts are ranked within their layer; pruning keeps the highest. Routing frequency: share "
-                           "of tokens sent to each expert (top-k of them per token); 0 means never routed."))
+                           "of tokens sent to each expert (top-k of them per token); 0 means never routed.")
+    return None
+
+
+def _figure_mamba_heads(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     mamba = t.get("mamba_heads")
     if mamba is not None and mamba.dim() == 2 and mamba.numel():
         fig, ax = plt.subplots(figsize=(min(2 + 0.4 * mamba.shape[1], 12), min(1.5 + 0.3 * mamba.shape[0], 10)))
@@ -358,8 +386,12 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         _integer_ticks(ax)
         _integer_yticks(ax)
         fig.colorbar(im, ax=ax, label="importance / layer max")
-        figs.append(Figure(f"{tag}mamba_heads", "Mamba-head importance", _png(fig),
-                           "Heads are ranked within their group; every group keeps the same number."))
+        return Figure(f"{tag}mamba_heads", "Mamba-head importance", _png(fig),
+                           "Heads are ranked within their group; every group keeps the same number.")
+    return None
+
+
+def _figure_hidden_sites(plt, tag: str, t: dict, meta: dict) -> Figure | None:
     sites = t.get("hidden_sites")
     if sites is not None and sites.dim() == 2 and sites.shape[0] > 1:
         fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.15 * sites.shape[0], 10)))
@@ -367,8 +399,13 @@ def score_figures(tag: str, scores: dict) -> list[Figure]:
         ax.set_xlabel("hidden channel")
         ax.set_ylabel("site")
         fig.colorbar(im, ax=ax, label="score / site max (log)")
-        figs.append(Figure(f"{tag}hidden_sites", "Hidden-channel importance per site", _png(fig)))
-    return figs
+        return Figure(f"{tag}hidden_sites", "Hidden-channel importance per site", _png(fig))
+    return None
+
+
+# The report's score plots, in the order shown.
+SCORE_FIGURES = (_figure_layers, _figure_blocks, _figure_heads, _figure_neurons, _figure_hidden, _figure_experts,
+                 _figure_mamba_heads, _figure_hidden_sites)
 
 
 def _series(records: list[dict], key: str) -> tuple[list, list]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimlmError
+from ..models import decoder
 
 # ---- axes: what one tensor dimension indexes ------------------------------------
 HIDDEN = "hidden"  # hidden (embedding) channels, shared by the whole model
@@ -147,6 +148,8 @@ class Adapter:
 
     #: `config.model_type` values this adapter handles
     model_types: tuple[str, ...] = ()
+    #: where the decoder layers' weights are named in the checkpoint (module access goes through
+    #: `slimlm.models.decoder`, whose `.layers` these are)
     layers_path = "model.layers"
     #: norms (relative to a layer) whose outputs feed projections: hidden-channel sites
     hidden_sites: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
@@ -283,11 +286,10 @@ class Adapter:
 
     # ---- modules -------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.layers_path)
+        return decoder(model).layers
 
     def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        parent_path, _, name = self.layers_path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, layers)
+        decoder(model).layers = layers
 
     # ---- tensors -------------------------------------------------------------
     def tensor_rule(self, name: str) -> tuple[int | None, dict[int, str]]:

@@ -204,6 +204,29 @@ def _forward_kl_grad_(s, t, p, labels, temperature, scale_kd, scale_ce):
     return q, kl, ce, kl.detach()
 
 
+def _accumulate_head_grads(g, h, sl, w_mm, grad_h, grad_w, grad_b, low, acc) -> None:
+    """Add one chunk's gradients, from `g` = dloss/dlogits of rows `sl`, to the hidden states, the LM
+    head's weight and its bias (the fused losses' backward, computed in their forward).  `low`: the
+    compute dtype when it is below `acc` (the accumulation dtype)."""
+    if grad_h is not None:
+        grad_h[sl] = g @ w_mm
+    if grad_w is not None:
+        if low is not None:
+            grad_w.add_(torch.mm(g.t(), h.to(low)))
+        else:
+            grad_w.addmm_(g.t().to(acc), h.to(acc))
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=acc)
+
+
+def scaled_saved_grads(ctx, g_loss) -> list:
+    """The gradients a fused loss saved in its forward, times the incoming gradient of the loss."""
+    grads = list(ctx.saved_tensors)
+    if not torch.equal(g_loss, torch.ones_like(g_loss)):
+        grads = [None if t is None else t * g_loss.to(t.dtype) for t in grads]
+    return grads
+
+
 @dataclass(frozen=True)
 class _FusedPlan:
     """What `_FusedHeadLoss` needs besides tensors (autograd Functions take them as one argument)."""
@@ -273,16 +296,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     (g,) = torch.autograd.grad(kd * scale_kd + ce * scale_ce, raw)
                 del raw, tl
             sums += torch.stack([kd.detach(), ce.detach(), kl]).to(acc)
-            g = g.to(low or h.dtype)
-            if grad_h is not None:
-                grad_h[sl] = g @ w_mm
-            if grad_w is not None:
-                if low is not None:
-                    grad_w.add_(torch.mm(g.t(), h.to(low)))
-                else:
-                    grad_w.addmm_(g.t().to(acc), h.to(acc))
-            if grad_b is not None:
-                grad_b += g.sum(0, dtype=acc)
+            _accumulate_head_grads(g.to(low or h.dtype), h, sl, w_mm, grad_h, grad_w, grad_b, low, acc)
             del g
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                               grad_b.to(bias.dtype) if grad_b is not None else None)
@@ -290,10 +304,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums):
-        grads = ctx.saved_tensors
-        if not torch.equal(g_loss, torch.ones_like(g_loss)):
-            grads = [None if t is None else t * g_loss.to(t.dtype) for t in grads]
-        return (*grads, None, None, None, None)
+        return (*scaled_saved_grads(ctx, g_loss), None, None, None, None)
 
 
 # ---- the loss classes ------------------------------------------------------------------------------

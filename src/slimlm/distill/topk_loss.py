@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .loss import IGNORE_INDEX, Head, LinearHead, LossOutput, _logits_into, as_head
+from .loss import (IGNORE_INDEX, Head, LinearHead, LossOutput, _accumulate_head_grads, _logits_into, as_head,
+                   scaled_saved_grads)
 
 
 @dataclass
@@ -186,16 +187,7 @@ class _FusedTopKLoss(torch.autograd.Function):
             if softcap:
                 g.mul_(tanh.square_().neg_().add_(1))
             sums += torch.stack([kl.detach(), ce.detach()]).to(acc)
-            g = g.to(low or h.dtype)
-            if grad_h is not None:
-                grad_h[sl] = g @ w_mm
-            if grad_w is not None:
-                if low is not None:
-                    grad_w.add_(torch.mm(g.t(), h.to(low)))
-                else:
-                    grad_w.addmm_(g.t().to(acc), h.to(acc))
-            if grad_b is not None:
-                grad_b += g.sum(0, dtype=acc)
+            _accumulate_head_grads(g.to(low or h.dtype), h, sl, w_mm, grad_h, grad_w, grad_b, low, acc)
             del g
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                               grad_b.to(bias.dtype) if grad_b is not None else None)
@@ -203,10 +195,7 @@ class _FusedTopKLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums):
-        grads = ctx.saved_tensors
-        if not torch.equal(g_loss, torch.ones_like(g_loss)):
-            grads = [None if t is None else t * g_loss.to(t.dtype) for t in grads]
-        return (*grads, None, None, None, None, None)
+        return (*scaled_saved_grads(ctx, g_loss), None, None, None, None, None)
 
 
 @dataclass

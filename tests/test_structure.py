@@ -55,3 +55,19 @@ def test_help_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_every_long_running_command_takes_quiet_and_json():
+    """The same switches everywhere: every command that shows progress can be silenced, every command can print JSON."""
+    import typer.main
+
+    from slimlm.cli import build_app
+
+    group = typer.main.get_command(build_app())
+    long_running = {"importance", "prune", "search", "distill", "correct-teacher", "teacher-logits", "eval", "run",
+                    "align"}
+    for name, command in group.commands.items():
+        options = {o for p in command.params for o in p.opts}
+        assert "--json" in options, name
+        if name in long_running:
+            assert {"--quiet", "-q"} <= options, name

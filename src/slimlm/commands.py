@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._cli import DryRun, JsonOut, Model, Only, Overwrite, emit_json, fmt_params, print_memory_plans, settings_command
+from ._cli import DryRun, JsonOut, Model, Only, Overwrite, Quiet, emit_json, fmt_params, print_memory_plans, settings_command
 from .config import DistillConfig, ImportanceConfig, MemoryConfig, PruneConfig, SearchConfig
 
 console = Console(stderr=True)
@@ -48,11 +48,12 @@ def importance(
     config: ImportanceConfig,
     overwrite: Overwrite = False,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Estimate importance of hidden channels, MLP neurons, attention heads and layers."""
     from . import api
 
-    scores = api.importance(model, output, config, overwrite=overwrite)
+    scores = api.importance(model, output, config, overwrite=overwrite, progress=not quiet)
     result = {"output": str(output), "importance": config.kind, "depth_metrics": sorted(scores.depth_scores),
               "block_sizes": sorted(scores.block_losses), **{k: scores.meta.get(k) for k in ("aggregation", "base_loss")}}
     console.print(f"[green]scores written to {output}[/green]")
@@ -72,11 +73,13 @@ def prune(
     save_scores: Annotated[Optional[Path], typer.Option("--save-scores", help="Also save the scores computed here.")] = None,
     overwrite: Overwrite = False,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Prune a model in width and/or depth and write a standard Hugging Face checkpoint."""
     from . import api
 
-    result = api.prune(model, output, targets, calibration, scores=scores, save_scores=save_scores, overwrite=overwrite)
+    result = api.prune(model, output, targets, calibration, scores=scores, save_scores=save_scores, overwrite=overwrite,
+                       progress=not quiet)
     b, a = result["parameters_before"], result["parameters_after"]
     s0, s1 = result["source_shape"], result["shape"]
     console.print(
@@ -102,12 +105,13 @@ def search(
     scores: Annotated[Optional[Path], typer.Option(
         "--scores", help="Reuse a scores file (else computed into OUT/scores.safetensors).")] = None,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Find the best uniform shape for a parameter budget (total, or active for a MoE): candidates distilled in rungs, the
     best third kept each time."""
     from .search import search as run_search
 
-    result = run_search(model, output, config, distillation, calibration, scores=scores)
+    result = run_search(model, output, config, distillation, calibration, scores=scores, progress=not quiet)
     target, active = config.target()
     console.print(f"{result['candidates']} candidates within ±{config.tolerance:.0%} of {target / 1e6:.1f}M "
                   f"{'active ' if active else ''}parameters; {result['steps_used']} of {result['budget_steps']} "
@@ -137,6 +141,7 @@ def run_command(
     memory: MemoryConfig = None,
     dry_run: DryRun = False,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Run the whole recipe: teacher correction -> importance -> prune/search -> distill -> align -> eval -> report (resumable)."""
     from .evaluate.compare import comparison_table
@@ -148,7 +153,7 @@ def run_command(
 
         print_memory_plans(plan_run(load_recipe(recipe)[0], memory), json_out)
         return
-    summary = run(recipe, output, from_stage=from_stage)
+    summary = run(recipe, output, from_stage=from_stage, progress=not quiet)
     Console().print(comparison_table(summary["results"], title=f"before / after ({summary['run']})"))
     if summary["report"]:
         Console().print(f"report: {summary['report']}")

@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.console import Console
 
-from .._cli import JsonOut, emit_json, settings_command
+from .._cli import JsonOut, Quiet, emit_json, settings_command
 from ..config import EvalConfig
 
 MODELS_HELP = "Models to evaluate, one after another: local folders, hub ids, .gguf files, or the alias 'smollm2-135m'."
@@ -21,11 +21,12 @@ def eval_command(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Where chat_answers.jsonl goes: a folder or a .jsonl file (default: the first model's folder).")] = None,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
 ):
     """Perplexity, lm-eval tasks, speed and chat answers of one or more models, compared in one table."""
     from .compare import compare, comparison_table
 
-    result = compare(models, config, output=output)
+    result = compare(models, config, output=output, progress=not quiet)
     err = Console(stderr=True)
     (err if json_out else Console()).print(comparison_table(result["models"]))
     if result.get("chat_answers"):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 
 import pytest
 from typer.main import get_command
@@ -111,3 +112,21 @@ def test_recipe_values_are_checked_like_the_cli():
         parse_recipe("prune: {hidden: 8}\ndistill:\n  micro_batch: 0\n", "r.yaml")
     r = parse_recipe("prune: {hidden: 8}\ndistill:\n  tokens: 2M\n", "r.yaml")
     assert r.distill.tokens == 2_000_000
+
+
+def test_the_default_learning_rate_follows_the_token_budget_and_a_given_one_wins():
+    from slimlm.config import LR_BY_BUDGET, DistillConfig, default_lr
+
+    (small, lr_small), (large, lr_large) = LR_BY_BUDGET
+    assert DistillConfig(tokens=32_768).peak_lr() == lr_small
+    assert DistillConfig(tokens=94 * 10**9).peak_lr() == lr_large
+    middle = int(math.sqrt(small * large))  # log-linear: the geometric mean of the ends halfway (in log tokens)
+    assert default_lr(middle) == pytest.approx(math.sqrt(lr_small * lr_large), rel=1e-6)
+    budgets = [10**4, 10**6, 10**7, 10**8, 10**9, 10**11]
+    lrs = [DistillConfig(tokens=n).peak_lr() for n in budgets]
+    assert lrs == sorted(lrs, reverse=True)
+    c = DistillConfig(tokens=10**5, lr=2e-3)
+    assert (c.peak_lr(), c.final_lr()) == (2e-3, 2e-4)
+    assert DistillConfig(tokens=10**5, min_lr=0.0).final_lr() == 0.0
+    filled = DistillConfig(tokens=10**5).with_learning_rates()
+    assert (filled.lr, filled.min_lr) == (lr_small, pytest.approx(lr_small / 10))

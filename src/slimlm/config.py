@@ -280,6 +280,24 @@ class PruneConfig(Settings):
                    if f.name not in ("depth_metric", "expert_importance"))
 
 
+#: The default peak learning rate by distillation budget (tokens): (budget, LR) points, log-linear
+#: in between and constant beyond the ends.  3e-4 recovered best at CPU-sized budgets (bench/lr.py,
+#: docs/benchmarks.md); 1e-4 is the paper's, for its ~94B tokens.  Between 1M and 1B tokens the
+#: values are interpolated, not measured.
+LR_BY_BUDGET = ((1_000_000, 3e-4), (1_000_000_000, 1e-4))
+
+
+def default_lr(tokens: int, points=LR_BY_BUDGET) -> float:
+    """The peak learning rate a distillation of `tokens` tokens gets when none is given."""
+    (n0, lr0), (n1, lr1) = points
+    if tokens <= n0:
+        return lr0
+    if tokens >= n1:
+        return lr1
+    t = (math.log(tokens) - math.log(n0)) / (math.log(n1) - math.log(n0))
+    return float(math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0))))
+
+
 @dataclass(frozen=True)
 class DistillConfig(Settings):
     """Distillation (`slimlm distill`, the pipeline's distill stage, each search candidate's short run)."""
@@ -289,8 +307,10 @@ class DistillConfig(Settings):
     seq_len: int = setting(512, "Tokens per training window.", min=2)
     micro_batch: int = setting(4, "Windows per forward pass per process.", min=1)
     global_batch: Optional[int] = setting(None, "Windows per optimizer step (default micro-batch x processes).", min=1)
-    lr: float = setting(1e-4, "Peak learning rate.", above=0)
-    min_lr: float = setting(1e-5, "Final learning rate of the cosine decay.", min=0)
+    lr: Optional[float] = setting(
+        None, "Peak learning rate (default: follows --tokens: 3e-4 up to 1M tokens, falling log-linearly to the "
+              "paper's 1e-4 at 1B tokens and beyond).", above=0)
+    min_lr: Optional[float] = setting(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0)
     warmup: int = setting(40, "Warm-up steps (clamped to 10% of the run).", min=0)
     clip: float = setting(1.0, "Gradient-norm clipping.", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay.", min=0)
@@ -328,16 +348,27 @@ class DistillConfig(Settings):
     seed: int = _seed()
     dtype: str = _dtype()
 
+    def peak_lr(self) -> float:
+        """`lr`, or the default for this token budget (`default_lr`)."""
+        return default_lr(self.tokens) if self.lr is None else self.lr
+
+    def final_lr(self) -> float:
+        """`min_lr`, or a tenth of the peak."""
+        return self.peak_lr() / 10 if self.min_lr is None else self.min_lr
+
+    def with_learning_rates(self):
+        """This config with `lr` and `min_lr` filled in (what a run records and trains with)."""
+        return dataclasses.replace(self, lr=self.peak_lr(), min_lr=self.final_lr())
+
 
 @dataclass(frozen=True)
 class CorrectConfig(DistillConfig):
     """Teacher correction (`slimlm correct-teacher`): LM-loss fine-tuning of the teacher on the distillation data.
 
-    The distillation settings with Minitron's teacher-correction defaults; min_lr None is lr / 10.
+    The distillation settings with Minitron's teacher-correction defaults.
     """
 
     lr: float = setting(1e-5, "Peak LR; Minitron uses a fifth of the teacher's original.", above=0)
-    min_lr: Optional[float] = setting(None, "Final LR (default lr / 10).", min=0)
     warmup: int = setting(120, "Warm-up steps (clamped to 10% of the run).", min=0)
     mode: str = setting("lm", "Always lm (plain LM loss).", cli=False, recipe=False)
 
@@ -347,9 +378,6 @@ class CorrectConfig(DistillConfig):
     @classmethod
     def settings(cls, *, where=None):
         return [f for f in super().settings(where=where) if where is None or f.name not in cls.HIDDEN]
-
-    def final_min_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,6 @@ def correct_teacher(model, out: str | os.PathLike = "corrected", config: Correct
                     resume: bool = False, overwrite: bool = False, progress: bool = True, **overrides) -> DistillResult:
     """Teacher correction: train `model` with the LM loss on the distillation data (a `CorrectConfig`)."""
     c = CorrectConfig.make(config, **overrides)
-    c = dataclasses.replace(c, min_lr=c.final_min_lr())
     return DistillRecipe(None, model, c, out, resume=resume, overwrite=overwrite, progress=progress).train()
 
 
@@ -196,12 +195,13 @@ class DistillRecipe:
 
     def __init__(self, teacher, student, c: DistillConfig, out, *, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, on_step: Callable[[dict], None] | None = None, tokenizer=None):
-        self.c = dataclasses.replace(c, data=c.data or DEFAULT_CORPUS)
+        # The learning rates are fixed here (the default follows the token budget) and recorded as numbers.
+        self.c = dataclasses.replace(c.with_learning_rates(), data=c.data or DEFAULT_CORPUS)
         self.teacher, self.student = teacher, student
         self.resume, self.overwrite, self.progress, self.on_step = resume, overwrite, progress, on_step
         if self.teacher is None and c.mode == "kd":
             raise SlimlmError("distillation needs a teacher")
-        self.loss, self.hidden_loss = check_settings(c)
+        self.loss, self.hidden_loss = check_settings(self.c)
         self.sources = parse_sources(self.c.data, c.data_weights)
         self.token_cache = usable_token_cache(c.token_cache)
         self.batch = plan_batch(c.micro_batch, c.global_batch)

@@ -492,8 +492,8 @@ def search_tables(st: Study) -> list[str]:
                   f"{per_step:,} tokens; spent {plan} = {ladder['steps_used']} steps "
                   f"({ladder['steps_used'] * per_step:,} tokens); {len(ladder['candidates'])} candidates. "
                   f"Distillation time of its candidates (validation included, pruning and checkpoint I/O not): "
-                  f"{sum(seconds.values()):.0f} s. " + ("" if len(rungs) == len(ladder["rungs"]) else
-                                                          f"Rungs done so far: {len(rungs)} of {len(ladder['rungs'])}.")]
+                  f"{sum(seconds.values()):.0f} s." + ("" if len(rungs) == len(ladder["rungs"]) else
+                                                         f" Rungs done so far: {len(rungs)} of {len(ladder['rungs'])}.")]
         for rung in rungs:
             lines += ["", f"Rung {rung['index']}: {rung['candidates']} candidates at {rung['steps']} steps "
                           f"({rung['steps'] * per_step:,} tokens; {rung['added']} added each), validation KL on the "
@@ -523,9 +523,9 @@ def write_tables(st: Study) -> None:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {hs} | "
                      f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} ({r.get('threads', 1)}) |")
     if any(r["group"] == GROUP6 for r in st.rows.values()):
-        lines += ["", f"Group 6: each search spends {a.search_budget:,} distillation tokens (4 windows a step); its "
-                      "winner is then pruned afresh from the teacher and distilled like every row. The searches' "
-                      "ladders and rung rankings:"]
+        lines += ["", "Group 6: both searches get the same budget of distillation tokens (validation not counted); "
+                      "each winner is then pruned afresh from the teacher and distilled like every row. The searches' "
+                      "budgets, ladders and rung rankings:"]
     lines += search_tables(st)
     (st.out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,9 +1,10 @@
 """Reproduce the Minitron findings at small scale on the real SmolLM2-135M teacher.
 
-    python bench/fidelity.py            # the full study: about 3.5 hours on 2 quiet CPU cores
+    python bench/fidelity.py            # the full study: about 4.5 hours on 2 quiet CPU cores (estimate)
     python bench/fidelity.py --hellaswag-items 100   # the same with HellaSwag on 100 items: about 2 hours
-    python bench/fidelity.py --quick    # the same rows with tiny budgets: about 11 minutes from scratch on 2 cores
-    python bench/fidelity.py --groups 6 # only group 6 (and the teacher row); the other groups' cached rows stay
+    python bench/fidelity.py --quick    # the same rows with tiny budgets: about 20 minutes from scratch on 2 cores
+    python bench/fidelity.py --groups 6 # only group 6 (and the teacher row): about 1.5 hours (estimate); the
+                                        # other groups' cached rows stay; docs untouched unless --docs is given
 
 Every row is a student of about half the teacher's parameters (or the teacher), with
 equal distillation tokens, evaluated the same way:
@@ -93,7 +94,7 @@ SEARCH_BATCH = 4  # windows per step of a search candidate (the search's default
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks every row end to end (about 11 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks every row end to end (about 20 minutes on 2 cores; group 6 alone 12)")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/fidelity[-quick])")
     ap.add_argument("--tokens", type=int, default=None, help="distillation tokens per row (full 16384, quick 1024)")
     ap.add_argument("--seq-len", type=int, default=None, help="training/calibration window (full 256, quick 64)")
@@ -105,7 +106,7 @@ def parse():
     ap.add_argument("--docs", default=None,
                     help="Markdown file whose '<!-- fidelity:begin -->' ... '<!-- fidelity:end -->' block gets the "
                          "tables, with the plot copied beside it under img/ (default docs/benchmarks.md for the full "
-                         "study; quick runs write none; 'none' turns it off)")
+                         "study of all groups; quick runs and --groups runs write none; 'none' turns it off)")
     ap.add_argument("--groups", default=",".join(map(str, GROUPS)),
                     help="comma-separated groups to run, e.g. 6 (default: all); the teacher row always runs, the "
                          "tables show every cached row")
@@ -126,7 +127,7 @@ def parse():
     if a.search_budget is None:
         a.search_budget = SEARCH_STEPS * SEARCH_BATCH * a.seq_len
     a.out = Path(a.out or Path(__file__).parent / "out" / ("fidelity-quick" if a.quick else "fidelity"))
-    if a.docs is None and not a.quick:
+    if a.docs is None and not a.quick and a.groups == set(GROUPS):  # a partial run would replace the whole block
         a.docs = str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     a.docs = None if a.docs in (None, "none") else Path(a.docs)
     return a

@@ -1,8 +1,10 @@
 """Reproduce the Minitron findings at small scale on the real SmolLM2-135M teacher.
 
-    python bench/fidelity.py            # the full study: about 3.5 hours on 2 quiet CPU cores
+    python bench/fidelity.py            # the full study: about 4.5 hours on 2 quiet CPU cores (estimate)
     python bench/fidelity.py --hellaswag-items 100   # the same with HellaSwag on 100 items: about 2 hours
-    python bench/fidelity.py --quick    # the same rows with tiny budgets: about 11 minutes from scratch on 2 cores
+    python bench/fidelity.py --quick    # the same rows with tiny budgets: about 20 minutes from scratch on 2 cores
+    python bench/fidelity.py --groups 6 # only group 6 (and the teacher row): about 1.5 hours (estimate); the
+                                        # other groups' cached rows stay; docs untouched unless --docs is given
 
 Every row is a student of about half the teacher's parameters (or the teacher), with
 equal distillation tokens, evaluated the same way:
@@ -16,8 +18,35 @@ Groups (METHOD §7):
   3 the four batch/sequence aggregations, zero-shot;
   4 logit distillation vs LM-loss training from the same pruned start, vs random init + distillation;
   5 corrected vs original teacher, distilling on Shakespeare (far from the teacher's data);
-  6 the search's winner vs hand-picked shapes.
-Rows are cached in OUT/rows.jsonl: an interrupted run resumes where it stopped, and a row cached
+  6 the search's winner vs hand-picked shapes, at equal search compute: the winner of today's
+    search (successive halving) and the winner of the former search's settings, each pruned
+    afresh and given the same final distillation as every row, against the hand-picked shapes.
+
+Group 6's compute accounting.  Both searches get the same --search-budget of distillation
+tokens (default 81 optimizer steps of 4 windows x --seq-len tokens: 82,944 tokens in the full
+study, 20,736 with --quick); validation (the same held-out windows for every candidate, no
+backward) and the importance pass with its contiguous-block losses (shared by both searches)
+are not counted, as in `slimlm.search`.
+  new: `slimlm.search.search` with the defaults of SearchConfig (caps 55 % width / 40 % depth,
+    up to 27 candidates as a spread, reduction 3).  81 steps -> rungs of n x 1, 9 x 3, 3 x 9
+    steps (each rung an equal third of the budget; the three finalists end at 13 steps); 81 is
+    the fewest steps that give 27 candidates a step in rung 0.  At this target only n = 25
+    shapes qualify (hidden on the 64-grid and divisible by 6 or 9 query heads leaves hidden
+    384 and 576; the hand-picked hidden 432 is off that grid), so 79 of the 81 steps are spent.
+  old: what `slimlm search` did before successive halving, built from the same pieces
+    (`enumerate_candidates`, `plan_ladder`, `run_rung`): the 8 shapes closest to the target
+    under caps 40 % width / 20 % depth (closest first, as the former code chose; not a spread),
+    one rung (plan_ladder with reduction 8) of 81 // 8 = 10 steps each (80 steps), ranked once
+    by validation KL.
+The two searches together (166K tokens in the full study) cost about what one default search
+of the former code did (8 candidates x 20,000 tokens = 160,000).  The former group 6 spent
+16,384 tokens (4 candidates x 4,096); that cannot give 27 candidates one step each at this
+batch (81 steps x 1,024 tokens is the least), hence the larger budget.  Candidates of both
+searches distill with 4 windows per step (the search's default batch), the study's LR schedule
+(1e-4 -> 1e-5; the warm-up of 4 steps is clamped to 10 % of each candidate's run: 1 step)
+and 4 held-out windows.
+Rows are cached in OUT/rows.jsonl: an interrupted run resumes where it stopped (group 6's
+searches too: OUT/search-new, OUT/search-old), and a row cached
 with fewer HellaSwag items than asked is topped up (HellaSwag re-run on the same model).
 Writes OUT/fidelity.md (tables) and OUT/*.png (plots), and (full study) puts the same tables
 into docs/benchmarks.md between its fidelity markers and the plot into docs/img/; the
@@ -29,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,7 +71,7 @@ from slimlm.distill import distill
 from slimlm.evaluate import perplexity, run_tasks
 from slimlm.importance import Scores, estimate_importance
 from slimlm.models import load_model, load_tokenizer
-from slimlm.config import PruneConfig
+from slimlm.config import DistillConfig, ImportanceConfig, PruneConfig, SearchConfig
 from slimlm.plan import make_plan, target_shape
 from slimlm.prune import prune_model
 
@@ -49,11 +79,22 @@ WIDTH = dict(hidden=384, ffn=1024, heads=6)  # about half of SmolLM2-135M
 # Other hand-picked shapes of about the same size (66.0M and 64.9M against 67.6M).
 HAND_SHAPES = {"hand: hidden 432, ffn 768, heads 6": dict(hidden=432, ffn=768, heads=6),
                "hand: 24 layers, hidden 384, ffn 1280, heads 6": dict(hidden=384, ffn=1280, heads=6, layers=24)}
+CORPUS = "builtin:python-docs"  # what every row (but group 5's) distills on
+GROUPS = (1, 2, 3, 4, 5, 6)
+GROUP6 = "6 search vs hand-picked (equal search compute)"
+#: groups of earlier versions of the study: their cached rows stay in rows.jsonl but are not shown
+RETIRED_GROUPS = ("6 search vs hand-picked",)  # 4 closest candidates x 4,096 tokens, caps 45 % / 20 %
+#: group 6's two searches: (folder under OUT, row label)
+SEARCHES = (("search-new", "search (new: successive halving, caps 55 %/40 %, up to 27 candidates)"),
+            ("search-old", "search (old settings: 8 candidates, caps 40 % width / 20 % depth, one rung)"))
+#: optimizer steps of each search: the fewest that give the new search's 27 candidates one step in rung 0
+SEARCH_STEPS = 81
+SEARCH_BATCH = 4  # windows per step of a search candidate (the search's default)
 
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks every row end to end (about 11 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks every row end to end (about 20 minutes on 2 cores; group 6 alone 12)")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/fidelity[-quick])")
     ap.add_argument("--tokens", type=int, default=None, help="distillation tokens per row (full 16384, quick 1024)")
     ap.add_argument("--seq-len", type=int, default=None, help="training/calibration window (full 256, quick 64)")
@@ -65,7 +106,13 @@ def parse():
     ap.add_argument("--docs", default=None,
                     help="Markdown file whose '<!-- fidelity:begin -->' ... '<!-- fidelity:end -->' block gets the "
                          "tables, with the plot copied beside it under img/ (default docs/benchmarks.md for the full "
-                         "study; quick runs write none; 'none' turns it off)")
+                         "study of all groups; quick runs and --groups runs write none; 'none' turns it off)")
+    ap.add_argument("--groups", default=",".join(map(str, GROUPS)),
+                    help="comma-separated groups to run, e.g. 6 (default: all); the teacher row always runs, the "
+                         "tables show every cached row")
+    ap.add_argument("--search-budget", type=int, default=None,
+                    help=f"distillation tokens of each of group 6's two searches (default {SEARCH_STEPS} steps x "
+                         f"{SEARCH_BATCH} windows x --seq-len: full 82944, quick 20736)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write OUT/fidelity.md and the plot from the rows done so far")
     a = ap.parse_args()
@@ -74,8 +121,13 @@ def parse():
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.groups = {int(g) for g in a.groups.split(",") if g.strip()}
+    if not a.groups <= set(GROUPS):
+        ap.error(f"--groups takes numbers among {', '.join(map(str, GROUPS))}, got {sorted(a.groups)}")
+    if a.search_budget is None:
+        a.search_budget = SEARCH_STEPS * SEARCH_BATCH * a.seq_len
     a.out = Path(a.out or Path(__file__).parent / "out" / ("fidelity-quick" if a.quick else "fidelity"))
-    if a.docs is None and not a.quick:
+    if a.docs is None and not a.quick and a.groups == set(GROUPS):  # a partial run would replace the whole block
         a.docs = str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     a.docs = None if a.docs in (None, "none") else Path(a.docs)
     return a
@@ -227,7 +279,7 @@ class Study:
 
 
 def report_only(a) -> None:
-    """Tables and plot from OUT/rows.jsonl (and OUT/search/ranking.json) without running anything."""
+    """Tables and plot from OUT/rows.jsonl (and group 6's rung rankings) without running anything."""
     from types import SimpleNamespace
 
     rows_path = a.out / "rows.jsonl"
@@ -237,9 +289,7 @@ def report_only(a) -> None:
     for line in rows_path.read_text().splitlines():
         r = json.loads(line)
         rows[r["id"]] = r
-    ranking_path = a.out / "search" / "ranking.json"
-    ranking = json.loads(ranking_path.read_text()) if ranking_path.exists() else []
-    write_tables(SimpleNamespace(a=a, rows=rows, out=a.out), ranking)
+    write_tables(SimpleNamespace(a=a, rows=rows, out=a.out))
 
 
 def main():
@@ -248,27 +298,45 @@ def main():
         return report_only(a)
     torch.set_num_threads(a.threads)
     st = Study(a)
-    print(f"# {machine()}; {a.tokens} distillation tokens per row; out: {a.out}", flush=True)
-    width = PruneConfig(**WIDTH)
-    depth_n = st.depth_layers()
+    print(f"# {machine()}; {a.tokens} distillation tokens per row; groups {sorted(a.groups)}; out: {a.out}", flush=True)
+    st.row("0 teacher", "SmolLM2-135M-Instruct", lambda: st.teacher)  # every group's reference
+    runs = {1: width_vs_depth, 2: importance_kinds, 3: aggregations, 4: objectives, 5: teacher_correction,
+            6: search_vs_hand}
+    for g in sorted(a.groups):
+        runs[g](st)
+    write_tables(st)
 
-    st.row("0 teacher", "SmolLM2-135M-Instruct", lambda: st.teacher)
-    # 1. width vs depth ------------------------------------------------------------------
-    st.row("1 width vs depth", "width (activation)", lambda: st.pruned(width), saved="w-act")
+
+def width_vs_depth(st: Study) -> None:
+    """Group 1: width vs depth (depth by block, loss and bi), after distillation."""
+    depth_n = st.depth_layers()
+    st.row("1 width vs depth", "width (activation)", lambda: st.pruned(PruneConfig(**WIDTH)), saved="w-act")
     for metric in ("block", "loss", "bi"):
         st.row("1 width vs depth", f"depth {depth_n} layers by {metric}",
                lambda metric=metric: st.pruned(PruneConfig(layers=depth_n, depth_metric=metric)),
                saved=f"d-{metric}")
-    # 2. importance kinds ----------------------------------------------------------------
+
+
+def importance_kinds(st: Study) -> None:
+    """Group 2: activation vs magnitude vs random importance, zero-shot and after distillation."""
+    width = PruneConfig(**WIDTH)
     for kind in ("activation", "magnitude", "random"):
         st.row("2 importance (zero-shot)", kind, lambda kind=kind: st.pruned(width, kind))
     for kind in ("magnitude", "random"):
         st.row("2 importance (distilled)", kind, lambda kind=kind: st.pruned(width, kind), saved=f"w-{kind}")
-    # 3. aggregations, zero-shot ---------------------------------------------------------
+
+
+def aggregations(st: Study) -> None:
+    """Group 3: the four batch/sequence aggregations, zero-shot."""
+    width = PruneConfig(**WIDTH)
     for agg in ("mean,l2", "mean,mean", "l2,l2", "var,var"):
         st.row("3 aggregation (zero-shot)", f"seq {agg.split(',')[0]}, batch {agg.split(',')[1]}",
                lambda agg=agg: st.pruned(width, "activation", agg))
-    # 4. distillation vs LM loss vs random init ---------------------------------------------
+
+
+def objectives(st: Study) -> None:
+    """Group 4: distillation vs LM loss from the same pruned start, vs random init + distillation."""
+    width = PruneConfig(**WIDTH)
     st.row("4 training objective", "LM loss from the pruned start", lambda: st.pruned(width),
            train=lambda m: st.train(m, "w-lm", mode="lm"), saved="w-lm")
 
@@ -280,7 +348,11 @@ def main():
         return AutoModelForCausalLM.from_config(st.adapter.new_config(plan), dtype=torch.float32)
 
     st.row("4 training objective", "random init + distillation", random_init, saved="w-random-init")
-    # 5. teacher correction on Shakespeare -----------------------------------------------------
+
+
+def teacher_correction(st: Study) -> None:
+    """Group 5: corrected vs original teacher, distilling on Shakespeare."""
+    a, width = st.a, PruneConfig(**WIDTH)
     train_txt, held_txt = str(st.data_dir / "shakespeare-train.txt"), str(st.data_dir / "shakespeare-heldout.txt")
     st.row("5 teacher correction", "original teacher (reference)", lambda: st.teacher, extra_ppl=held_txt)
     corrected_dir = a.out / "students" / "teacher-corrected"
@@ -303,25 +375,135 @@ def main():
     st.row("5 teacher correction", "student of the corrected teacher", from_corrected,
            train=lambda m: st.train(m, "shakes-corr", teacher=st._corrected, data=train_txt), extra_ppl=held_txt,
            saved="shakes-corr")
-    # 6. search winner vs hand-picked shapes -------------------------------------------------------
-    from slimlm.search import enumerate_candidates, search
 
-    target = st.adapter.param_count(target_shape(width, st.shape))
-    cands = enumerate_candidates(st.adapter, target, max_candidates=3 if a.quick else 4, max_depth_prune=0.2, max_width_prune=0.45)
-    ranking, _ = search(st.teacher, st.tok, st.scores(), a.out / "scores.safetensors", cands, a.out / "search",
-                        data="builtin:python-docs", search_tokens=max(a.tokens // 4, 256), progress=False,
-                        distill_kwargs=dict(seq_len=a.seq_len, micro_batch=4, global_batch=16, lr=1e-4, min_lr=1e-5,
-                                            warmup=4, seed=0, heldout=4, tensorboard=False))
-    best = ranking[0]
-    win = PruneConfig(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], layers=best["layers"])
-    st.row("6 search vs hand-picked", f"search winner {best['candidate']}", lambda: st.pruned(win), saved="search-winner")
-    st.row("6 search vs hand-picked", "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(width), saved="w-act-2")
+
+# ---- group 6: the search ---------------------------------------------------------------------
+
+
+def search_settings(st: Study) -> tuple[SearchConfig, DistillConfig, ImportanceConfig]:
+    """The settings both searches share: target, budget, each candidate's distillation, calibration."""
+    a = st.a
+    target = st.adapter.param_count(target_shape(PruneConfig(**WIDTH), st.shape))
+    config = SearchConfig(target_params=target, search_budget=a.search_budget)
+    distill_config = DistillConfig(data=CORPUS, seq_len=a.seq_len, micro_batch=SEARCH_BATCH, global_batch=SEARCH_BATCH,
+                                   lr=1e-4, min_lr=1e-5, warmup=4, seed=0, heldout=4, tensorboard=False,
+                                   dtype="float32")
+    # The candidates' training data is the importance config's (as in `slimlm search`); the
+    # calibration settings are those of the study's scores, which the search reuses.
+    importance = ImportanceConfig(data=CORPUS, calib_samples=a.calib_samples, seq_len=a.seq_len, heldout=8, seed=0,
+                                  dtype="float32")
+    return config.checked(), distill_config.checked(), importance.checked()
+
+
+def old_search(st: Study, config: SearchConfig, distill_config: DistillConfig, importance: ImportanceConfig,
+               scores_path: Path) -> list[dict]:
+    """What `slimlm search` did before successive halving, built from today's pieces.
+
+    The former code took the 8 shapes closest to the target under caps of 40 % width and 20 %
+    depth (closest first, not a spread), distilled each for the same number of tokens and
+    ranked them once by validation KL.  Here: the same shapes, one rung of `plan_ladder` with a
+    reduction of 8 (every candidate gets budget // 8 steps, then the best is the winner), each
+    candidate trained and validated by `run_rung` exactly as a rung of the new search.
+    Returns the ranking, best first; a finished candidate is not redone.
+    """
+    import shutil
+
+    from slimlm import api
+    from slimlm.search import (LADDER_FILE, drop_checkpoints, enumerate_candidates, ladder_steps, plan_ladder,
+                               run_rung, write_ranking, write_rung)
+
+    out = st.out / SEARCHES[1][0]
+    c = SearchConfig.make(config, max_width_prune=0.4, max_depth_prune=0.2, max_candidates=None)
+    candidates = enumerate_candidates(st.adapter, c)[:8]
+    tokens_per_step = distill_config.global_batch * distill_config.seq_len
+    budget_steps = c.search_budget // tokens_per_step
+    rungs = plan_ladder(len(candidates), budget_steps, reduction=len(candidates))
+    assert len(rungs) == 1, rungs
+    record = {"candidates": [{"name": x.name, "params": x.params} for x in candidates],
+              "rungs": [asdict(r) for r in rungs], "tokens_per_step": tokens_per_step, "budget_steps": budget_steps,
+              "steps_used": ladder_steps(rungs), "search": c.as_dict(), "distill": distill_config.as_dict()}
+    record = json.loads(json.dumps(record, default=str))
+    if (out / LADDER_FILE).exists() and json.loads((out / LADDER_FILE).read_text()) != record:
+        shutil.rmtree(out)  # other settings: start over
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LADDER_FILE).write_text(json.dumps(record, indent=1))
+    sc = Scores.load(scores_path)
+    if api.add_block_losses(sc, st.teacher, st.tok, [st.shape.layers - x.shape.layers for x in candidates],
+                            importance, progress=False):
+        sc.save(scores_path)
+    print(f"{SEARCHES[1][1]}: {len(candidates)} candidates x {rungs[0].steps} steps "
+          f"({rungs[0].steps * tokens_per_step:,} tokens each)", flush=True)
+    rows = run_rung(st.teacher, st.tok, sc, candidates, rungs[0], rungs[0].steps, out, data=importance.data,
+                    distill=distill_config, progress=False)
+    write_rung(out, rungs[0], rows, kept=1)
+    write_ranking(out, rows)
+    drop_checkpoints(out, [x.name for x in candidates])
+    return rows
+
+
+def search_vs_hand(st: Study) -> None:
+    """Group 6: both searches at the same budget, then their winners and the hand-picked shapes
+    pruned from the teacher and distilled like every row."""
+    from slimlm.search import prune_targets, search
+
+    config, distill_config, importance = search_settings(st)
+    scores_path = st.out / "scores.safetensors"  # the study's main scores, which the searches reuse
+    if not scores_path.exists():
+        st.scores().save(scores_path)
+    print(f"{SEARCHES[0][1]}: search_budget {config.search_budget:,} tokens", flush=True)
+    new = search("smollm2-135m", st.out / SEARCHES[0][0], config, distill_config, importance, scores=scores_path,
+                 loaded=st.teacher, progress=False, overwrite=True)
+    old = old_search(st, config, distill_config, importance, scores_path)
+    # the searches added contiguous-block losses (depth candidates) to the saved scores: prune with those
+    st._scores[("activation", "mean,l2")] = Scores.load(scores_path)
+    for (folder, label), best in zip(SEARCHES, (new["winner"], old[0])):
+        st.row(GROUP6, f"{label}: winner {best['candidate']}",
+               lambda best=best: st.pruned(prune_targets(best, st.shape)), saved=f"{folder}-winner")
+    st.row(GROUP6, "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(PruneConfig(**WIDTH)),
+           saved="w-act-2")
     for name, t in HAND_SHAPES.items():
-        st.row("6 search vs hand-picked", name, lambda t=t: st.pruned(PruneConfig(**t)), saved=name)
-    write_tables(st, ranking)
+        st.row(GROUP6, name, lambda t=t: st.pruned(PruneConfig(**t)), saved=name)
 
 
-def write_tables(st: Study, ranking) -> None:
+def shown_rows(st: Study) -> list[dict]:
+    """The cached rows the tables show: retired groups left out, grouped in group order (stable)."""
+    rows = [r for r in st.rows.values() if r["group"] not in RETIRED_GROUPS]
+    return sorted(rows, key=lambda r: int(r["group"].split()[0]))
+
+
+def search_tables(st: Study) -> list[str]:
+    """Group 6's accounting and each search's rung rankings, from the search folders."""
+    from slimlm.search import LADDER_FILE, ranking_table
+
+    lines = []
+    for folder, label in SEARCHES:
+        out = st.out / folder
+        if not (out / LADDER_FILE).exists():
+            continue
+        ladder = json.loads((out / LADDER_FILE).read_text())
+        per_step = ladder["tokens_per_step"]
+        ranked = sorted((out / "rungs").glob("rung-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+        rungs = [json.loads(p.read_text()) for p in ranked]
+        seconds = {}
+        for rung in rungs:  # a candidate's distillation seconds are cumulative over its rungs
+            seconds.update({row["candidate"]: row["seconds"] for row in rung["ranking"]})
+        plan = " + ".join(f"{r['candidates']} x {r['added']}" for r in ladder["rungs"])
+        lines += ["", f"### {label}", "",
+                  f"Budget {ladder['budget_steps'] * per_step:,} tokens = {ladder['budget_steps']} optimizer steps of "
+                  f"{per_step:,} tokens; spent {plan} = {ladder['steps_used']} steps "
+                  f"({ladder['steps_used'] * per_step:,} tokens); {len(ladder['candidates'])} candidates. "
+                  f"Distillation time of its candidates (validation included, pruning and checkpoint I/O not): "
+                  f"{sum(seconds.values()):.0f} s." + ("" if len(rungs) == len(ladder["rungs"]) else
+                                                         f" Rungs done so far: {len(rungs)} of {len(ladder['rungs'])}.")]
+        for rung in rungs:
+            lines += ["", f"Rung {rung['index']}: {rung['candidates']} candidates at {rung['steps']} steps "
+                          f"({rung['steps'] * per_step:,} tokens; {rung['added']} added each), validation KL on the "
+                          f"training corpus's held-out windows; {rung['kept']} kept.", ""]
+            lines += ranking_table(rung["ranking"], rung["kept"])
+    return lines
+
+
+def write_tables(st: Study) -> None:
     a = st.a
     lines = [f"Machine: {machine()}. Teacher SmolLM2-135M-Instruct (fp32). Distillation: {a.tokens:,} tokens per row, "
              f"sequence {a.seq_len}, batch 16, LR 1e-4 -> 1e-5 cosine, forward KL. WikiText-2: first {a.ppl_tokens:,} tokens. "
@@ -330,7 +512,7 @@ def write_tables(st: Study, ranking) -> None:
              "that no row trains on. Wall time: pruning + training of the row (the first row that needs a set of "
              "importance scores also pays for computing them), at the torch thread count in brackets.", ""]
     group = None
-    for r in st.rows.values():
+    for r in shown_rows(st):
         if r["group"] != group:
             group = r["group"]
             extra = " Shakespeare ppl |" if group.startswith("5") else ""
@@ -341,11 +523,11 @@ def write_tables(st: Study, ranking) -> None:
         hs = f"{r['hellaswag_acc_norm']:.3f}" + (f" ({n} items)" if n != a.hellaswag_items else "")
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {hs} | "
                      f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} ({r.get('threads', 1)}) |")
-    if ranking:
-        lines += ["", "### search ranking (short distillation, validation KL on the training corpus's held-out windows)", "",
-                  "| rank | candidate | parameters | val KL |", "|---|---|---|---|"]
-    for i, r in enumerate(ranking, 1):
-        lines.append(f"| {i} | {r['candidate']} | {r['params'] / 1e6:.1f}M | {r['val_kl']:.4f} |")
+    if any(r["group"] == GROUP6 for r in st.rows.values()):
+        lines += ["", "Group 6: both searches get the same budget of distillation tokens (validation not counted); "
+                      "each winner is then pruned afresh from the teacher and distilled like every row. The searches' "
+                      "budgets, ladders and rung rankings:"]
+    lines += search_tables(st)
     (st.out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(st)
@@ -382,7 +564,7 @@ def plot(st: Study) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in st.rows.values() if not r["group"].startswith("0")]
+    rows = [r for r in shown_rows(st) if not r["group"].startswith("0")]
     fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1))
     names = [f"{r['group']}: {r['name']}" for r in rows]
     ax.barh(range(len(rows)), [r["wikitext_ppl"] for r in rows], color="tab:blue")

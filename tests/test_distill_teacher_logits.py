@@ -238,3 +238,34 @@ def test_the_cli_trains_from_the_cache_without_a_teacher(setup, tmp_path, capsys
     result = json.loads(out.strip().splitlines()[-1])
     assert result["complete"] and result["steps"] == STEPS and result["metrics"]["val_kl_top_k"] == 8
     assert TeacherLogitsCache.open(setup["cache"][8]).top_k == 8
+
+
+# ---- under Accelerate ------------------------------------------------------------------------------
+@pytest.mark.timeout(400)
+def test_fsdp2_from_the_cache_is_killed_resumes_and_follows_one_process(setup, tmp_path):
+    """Two FSDP2 CPU processes train from the cache (no teacher anywhere), are killed after step 3 and resume from
+    step 2; losses and validation agree with one plain process (tolerances of test_distill_multiprocess)."""
+    from test_distill_multiprocess import SHARDED, _launch
+
+    kwargs = {**SHARDED, "seed": COMMON["seed"]}
+    cache = tmp_path / "cache"
+    write_cache(setup["teacher"], cache, data=setup["data"], tokens=kwargs["tokens"], seq_len=kwargs["seq_len"],
+                global_batch=kwargs["global_batch"], heldout=kwargs["heldout"], seed=kwargs["seed"], top_k=8,
+                progress=False)
+    kwargs["teacher_logits"] = str(cache)
+    distill(None, setup["student"], setup["data"], tmp_path / "one", **kwargs)
+    spec = dict(teacher=None, student=setup["student"], data=setup["data"], out=str(tmp_path / "two"), kwargs=kwargs,
+                kill_after_step=3)
+    killed = _launch("fsdp2_8gpu.yaml", spec, tmp_path, "killed")
+    assert killed.returncode != 0 and not (tmp_path / "two" / "slimlm.json").exists()
+    resumed = _launch("fsdp2_8gpu.yaml", {**spec, "kwargs": {**kwargs, "resume": True}, "kill_after_step": None},
+                      tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step-00000002" in resumed.stderr
+    meta = json.loads((tmp_path / "two" / "slimlm.json").read_text())
+    assert meta["hyperparameters"]["distributed"] == "FSDP" and meta["loss"]["top_k"] == 8
+    for event, key in (("train", "loss"), ("eval", "val_kl"), ("eval", "val_lm_loss")):
+        one = [r[key] for r in _records(tmp_path / "one", event)]
+        two = [r[key] for r in _records(tmp_path / "two", event)]
+        assert len(one) == len(two) > 0
+        assert two == pytest.approx(one, rel=1e-5), (event, key)

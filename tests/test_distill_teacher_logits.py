@@ -269,3 +269,79 @@ def test_fsdp2_from_the_cache_is_killed_resumes_and_follows_one_process(setup, t
         two = [r[key] for r in _records(tmp_path / "two", event)]
         assert len(one) == len(two) > 0
         assert two == pytest.approx(one, rel=1e-5), (event, key)
+
+
+# ---- the search and `slimlm run` -------------------------------------------------------------------
+SEARCH = dict(target_params=70000, tolerance=0.15, max_candidates=3, reduction=2, search_budget=2048, hidden_step=12,
+              ffn_step=16)
+
+
+def test_search_distills_every_candidate_from_the_cache(setup, tmp_path, monkeypatch):
+    from slimlm import search as search_module
+    from slimlm.adapters import get_adapter
+    from slimlm.config import DistillConfig, SearchConfig
+    from slimlm.models import load_config
+
+    d = DistillConfig(seq_len=SEQ, micro_batch=4, global_batch=8, warmup=1, heldout=4, seed=3)
+    tokens = search_module.search_tokens(get_adapter(load_config(setup["teacher"])), SearchConfig(**SEARCH), d)
+    assert 0 < tokens < SEARCH["search_budget"] and tokens % (8 * SEQ) == 0  # the last rung's steps
+    cache = tmp_path / "cache"
+    write_cache(setup["teacher"], cache, data=setup["data"], tokens=tokens // 2, global_batch=8, top_k=8,
+                progress=False, **COMMON)
+    kw = dict(data=setup["data"], seq_len=SEQ, micro_batch=4, global_batch=8, warmup=1, heldout=4, seed=3,
+              calib_samples=4, progress=False, **SEARCH)
+    with pytest.raises(SlimlmError, match="extend it"):  # too short for the search: refused before any output
+        search_module.search(setup["teacher"], tmp_path / "s", teacher_logits=str(cache), **kw)
+    assert not (tmp_path / "s").exists()
+    write_cache(setup["teacher"], cache, data=setup["data"], tokens=tokens, global_batch=8, top_k=8, progress=False,
+                **COMMON)
+    teachers = []
+    real = search_module._distill_candidate
+
+    def spy(teacher, student, folder, data, config, *a, **k):
+        teachers.append(config.teacher_logits)
+        return real(teacher, student, folder, data, config, *a, **k)
+
+    monkeypatch.setattr(search_module, "_distill_candidate", spy)
+    result = search_module.search(setup["teacher"], tmp_path / "s", teacher_logits=str(cache), **kw)
+    assert teachers and set(teachers) == {str(cache)}
+    assert all(row["val_kl"] is not None for rows in result["rungs"] for row in rows)
+    meta = json.loads((tmp_path / "s" / "winner" / "slimlm.json").read_text())
+    assert meta["teacher"] is None and meta["loss"]["top_k"] == 8
+
+
+def test_run_writes_the_cache_once_for_the_search_and_the_distill_stage(setup, tmp_path, capsys):
+    from slimlm.distill import teacher_logits as tl
+
+    recipe = tmp_path / "tl.yaml"
+    recipe.write_text(f"""
+teacher: {setup["teacher"]}
+data: {setup["data"]}
+seed: 3
+importance: {{calib_samples: 4, seq_len: 32, heldout: 2}}
+search: {{{", ".join(f"{k}: {v}" for k, v in SEARCH.items())}}}
+teacher_logits: {{top_k: 8}}
+distill: {{tokens: 512, seq_len: {SEQ}, micro_batch: 4, global_batch: 8, warmup: 1, heldout: 4}}
+eval: {{ppl: {setup["data"]}, max_tokens: 128, seq_len: 32}}
+""")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages)[:4] == ["correct", "importance", "teacher_logits", "prune"]
+    assert stages["teacher_logits"]["top_k"] == 8
+    cache = TeacherLogitsCache.open(out / "teacher-logits")
+    assert cache.manifest["stream"]["tokens"] > 512  # the search's budget, larger than distill's 512
+    student = json.loads((out / "student" / "slimlm.json").read_text())
+    assert student["loss"]["teacher_logits"] == str(out / "teacher-logits") and student["loss"]["top_k"] == 8
+    assert student["teacher"] == setup["teacher"]  # named and checked against the cache, not loaded
+    winner = json.loads((out / "search" / "winner" / "slimlm.json").read_text())
+    assert winner["loss"]["top_k"] == 8
+    # Rerun: nothing is redone; a new K rewrites the cache and redoes what follows.
+    code, _, err = run_cli(["run", recipe, "-o", out], capsys)
+    assert code == 0 and "stage" not in err
+    recipe.write_text(recipe.read_text().replace("top_k: 8", "top_k: 16"))
+    code, _, err = run_cli(["run", recipe, "-o", out], capsys)
+    assert code == 0, err
+    assert "stage teacher_logits" in err and "stage distill" in err and "stage importance" not in err
+    assert tl.TeacherLogitsCache.open(out / "teacher-logits").top_k == 16

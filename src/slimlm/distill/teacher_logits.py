@@ -451,6 +451,7 @@ def write_cache(
     config: TeacherLogitsConfig | None = None,
     *,
     overwrite: bool = False,
+    replace: bool = False,
     progress: bool = True,
     loaded=None,
     **overrides,
@@ -462,7 +463,8 @@ def write_cache(
     with the same data, seed, sequence length, global batch and held-out count reads for
     `tokens` (see the module doc).  An existing cache with the same key is continued (after a
     crash) or extended (a larger budget); one with another key is refused.  `overwrite`
-    replaces whatever `output` holds.
+    replaces whatever `output` holds; `replace` replaces only a cache with another key (and continues
+    or extends one with the same key: the pipeline's own cache).
     `loaded` is the teacher already in memory (`teacher` still names it, for the key).  Returns
     {"output", "windows", "new_windows", "tokens", "top_k", "bytes", "bytes_per_token", "seconds"}.
     """
@@ -494,6 +496,8 @@ def write_cache(
                     c.text_field, c.seed, c.seq_len, c.top_k)
     out = Path(output).expanduser()
     manifest = None if overwrite else read_manifest(out)
+    if manifest is not None and manifest["key"] != key and replace:
+        manifest, overwrite = None, True
     if manifest is not None and manifest["key"] != key:
         raise SlimlmError(f"{out} holds teacher logits for another {', '.join(_differences(manifest['key'], key))}; "
                           "choose another folder, or --overwrite to replace it")

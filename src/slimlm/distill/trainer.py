@@ -156,6 +156,23 @@ def check_settings(c: DistillConfig) -> tuple[str, str | None]:
     return loss, hidden_loss
 
 
+def check_teacher_logits_settings(c: DistillConfig, loss: str, hidden_loss: str | None) -> None:
+    """Refuse (one line) the settings a teacher-logits cache cannot serve; `loss`, `hidden_loss` from `check_settings`."""
+    flag = "--teacher-logits"
+    if c.mode != "kd":
+        raise SlimlmError(f"{flag} needs mode 'kd' (the cache holds a teacher's distribution)")
+    if loss != "kl":
+        raise SlimlmError(f"{flag} trains with the forward KL (--loss kl): {loss} needs the teacher's whole "
+                          "distribution, the cache holds its top K")
+    if c.temperature != 1.0:
+        raise SlimlmError(f"{flag} needs --temperature 1: the cache holds log-probabilities at temperature 1, "
+                          "from which the rest bucket's mass at another temperature cannot be recovered")
+    if hidden_loss:
+        raise SlimlmError(f"--hidden-loss needs the teacher's hidden states, which {flag} does not hold")
+    if c.chat:
+        raise SlimlmError(f"--chat cannot read {flag}: a cache is written from text sources")
+
+
 def _spec_and_config(model, role: str):
     """(the name the user gave, config) for a model given as a spec string or an nn.Module."""
     if model is None:
@@ -233,23 +250,11 @@ class DistillRecipe:
     # ---- checks (construction) ---------------------------------------------------------------
     def _open_teacher_logits(self) -> TeacherLogitsCache:
         """The teacher-logits cache, after refusing the settings it cannot serve (one line each)."""
-        c, flag = self.c, "--teacher-logits"
-        if c.mode != "kd":
-            raise SlimlmError(f"{flag} needs mode 'kd' (the cache holds a teacher's distribution)")
-        if self.loss != "kl":
-            raise SlimlmError(f"{flag} trains with the forward KL (--loss kl): {self.loss} needs the teacher's whole "
-                              "distribution, the cache holds its top K")
-        if c.temperature != 1.0:
-            raise SlimlmError(f"{flag} needs --temperature 1: the cache holds log-probabilities at temperature 1, "
-                              "from which the rest bucket's mass at another temperature cannot be recovered")
-        if self.hidden_loss:
-            raise SlimlmError(f"--hidden-loss needs the teacher's hidden states, which {flag} does not hold")
-        if c.chat:
-            raise SlimlmError(f"--chat cannot read {flag}: a cache is written from text sources")
+        check_teacher_logits_settings(self.c, self.loss, self.hidden_loss)
         if self.teacher is not None and not isinstance(self.teacher, (str, os.PathLike)):
-            raise SlimlmError(f"with {flag} give the teacher by name (it is checked against the cache, not loaded) "
-                              "or not at all")
-        cache = TeacherLogitsCache.open(c.teacher_logits)
+            raise SlimlmError("with --teacher-logits give the teacher by name (it is checked against the cache, not "
+                              "loaded) or not at all")
+        cache = TeacherLogitsCache.open(self.c.teacher_logits)
         cache.check_files()
         return cache
 

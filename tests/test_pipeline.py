@@ -56,8 +56,8 @@ def test_whole_pipeline_then_resume(tmp_path, text_file, capsys):
     assert rows["teacher"]["parameters"] > rows["student"]["parameters"] == rows["pruned"]["parameters"]
     assert all(rows[m]["ppl"] for m in rows)
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == ["correct", "importance", "prune", "distill", "align", "eval", "report"]
-    assert stages["correct"]["skipped"] and stages["align"]["skipped"]
+    assert list(stages) == ["correct", "importance", "teacher_logits", "prune", "distill", "align", "eval", "report"]
+    assert stages["correct"]["skipped"] and stages["teacher_logits"]["skipped"] and stages["align"]["skipped"]
     # The run's evaluation travels with the models it measured: eval.json and the model card.
     student_eval = json.loads((out / "student" / "eval.json").read_text())
     assert student_eval["role"] == "student" and student_eval["perplexity"]["ppl"] == rows["student"]["ppl"]

@@ -101,7 +101,8 @@ def search(
     config: SearchConfig,
     calibration: Annotated[ImportanceConfig, Only("data", "text_field", "calib_samples", "seed", "dtype")],
     distillation: Annotated[DistillConfig, Only("seq_len", "micro_batch", "global_batch", "lr", "min_lr", "warmup",
-                                                "loss", "heldout", "chunk_size", "seed", "dtype", "text_field")],
+                                                "loss", "heldout", "chunk_size", "seed", "dtype", "text_field",
+                                                "teacher_logits")],
     scores: Annotated[Optional[Path], typer.Option(
         "--scores", help="Reuse a scores file (else computed into OUT/scores.safetensors).")] = None,
     json_out: JsonOut = False,
@@ -137,7 +138,7 @@ def run_command(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the embedded SmolLM2-135M recipe).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default: runs/<recipe name>).")] = None,
     from_stage: Annotated[Optional[str], typer.Option(
-        "--from", help="Redo from this stage: correct, importance, prune, distill, align, eval, report.")] = None,
+        "--from", help="Redo from this stage: correct, importance, teacher_logits, prune, distill, align, eval, report.")] = None,
     memory: MemoryConfig = None,
     dry_run: DryRun = False,
     json_out: JsonOut = False,

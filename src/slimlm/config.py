@@ -139,21 +139,21 @@ def _dtype():
     return setting("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.", shared=True)
 
 
-def _data_weights():
+def _data_weights(**kw):
     return setting(
         None, "Mixing weights, one per --data in the same order, comma-separated: 0.7,0.3 (relative; the windows "
               "are interleaved in a seeded order that keeps these proportions).",
-        cli_type=Optional[str], recipe_types=(str, list))
+        cli_type=Optional[str], recipe_types=(str, list), **kw)
 
 
-def _eval_data():
-    return setting(None, "Separate held-out text source (default: windows after the training ones).")
+def _eval_data(**kw):
+    return setting(None, "Separate held-out text source (default: windows after the training ones).", **kw)
 
 
-def _token_cache():
+def _token_cache(**kw):
     return setting(
         None, "Folder of the token caches (default $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens); each source is "
-              "tokenized once there and reused. Delete it to clear the cache.")
+              "tokenized once there and reused. Delete it to clear the cache.", **kw)
 
 
 def _count(default, help, **kw):
@@ -325,6 +325,10 @@ class DistillConfig(Settings):
         False, "MoE students: add the student's router load-balancing loss, weighted by its config's "
                "router_aux_loss_coef, as transformers trains MoEs (default: logits only, as the paper).")
     mode: str = setting("kd", "kd (distillation) or lm (plain LM loss, a baseline).")
+    teacher_logits: Optional[str] = setting(
+        None, "Train from a `slimlm teacher-logits` cache instead of running the teacher (written for the same data, "
+              "seed, seq-len and budget): top-K forward KL plus one bucket for the rest of the mass, temperature 1. "
+              "--teacher may then be omitted; given, it must be the cache's.", recipe=False)
     chunk_size: int = setting(
         512, "Tokens per loss chunk (vocabulary-sized memory is a few chunk x vocab tensors); 0: one chunk.", min=0)
     gradient_checkpointing: bool = setting(False, "Recompute student layers in backward (less memory).")
@@ -373,7 +377,8 @@ class CorrectConfig(DistillConfig):
     mode: str = setting("lm", "Always lm (plain LM loss).", cli=False, recipe=False)
 
     #: distillation-only settings that teacher correction does not show
-    HIDDEN = ("loss", "temperature", "ce_weight", "hidden_loss", "layer_map", "hidden_weight", "chat", "mode")
+    HIDDEN = ("loss", "temperature", "ce_weight", "hidden_loss", "layer_map", "hidden_weight", "chat", "mode",
+              "teacher_logits")
 
     @classmethod
     def settings(cls, *, where=None):
@@ -385,26 +390,28 @@ class TeacherLogitsConfig(Settings):
     """The teacher's top-K log-probabilities over a distillation's windows (`slimlm teacher-logits`).
 
     The data settings are those of the distillation that will read the cache: with the same
-    data, seed, sequence length and budget, the cache holds exactly the windows it reads.
+    data, seed, sequence length and budget, the cache holds exactly the windows it reads.  In
+    a recipe (the `teacher_logits:` section of `slimlm run`) they are the distill section's,
+    so the section holds only K and the batch sizes of the teacher's pass.
     """
 
     data: Any = _data()
-    data_weights: Optional[Any] = _data_weights()
-    eval_data: Optional[str] = _eval_data()
+    data_weights: Optional[Any] = _data_weights(recipe=False)
+    eval_data: Optional[str] = _eval_data(recipe=False)
     tokens: int = _count(100_000, "Token budget of the distillation that will read the cache (its --tokens); a "
-                                  "larger budget later extends the same cache.", short="-n", min=1)
-    seq_len: int = setting(512, "Tokens per window (the distillation's --seq-len).", min=2)
+                                  "larger budget later extends the same cache.", short="-n", min=1, recipe=False)
+    seq_len: int = setting(512, "Tokens per window (the distillation's --seq-len).", min=2, recipe=False)
     global_batch: Optional[int] = setting(
         None, "Windows per optimizer step of that distillation (default: distill's, 4 on one process); the cache "
-              "covers whole steps.", min=1)
+              "covers whole steps.", min=1, recipe=False)
     heldout: int = setting(16, "Held-out windows (the distillation's --heldout), stored too: validation needs no "
-                               "teacher.", min=0)
+                               "teacher.", min=0, recipe=False)
     top_k: int = setting(64, "Teacher log-probabilities kept per token; the rest of the mass is kept as one "
                              "bucket.", min=1)
     batch_size: int = setting(8, "Windows per teacher forward pass.", min=1)
     chunk_size: int = setting(512, "Tokens per LM-head chunk (at most a few chunk x vocabulary floats at once).",
                               min=1)
-    token_cache: Optional[str] = _token_cache()
+    token_cache: Optional[str] = _token_cache(recipe=False)
     text_field: str = _text_field()
     seed: int = _seed()
     dtype: str = _dtype()

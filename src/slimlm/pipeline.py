@@ -1,6 +1,7 @@
 """`slimlm run`: the whole recipe in one resumable command.
 
-    teacher correction (optional) -> importance -> prune | search -> distill -> align (optional) -> eval -> report
+    teacher correction (optional) -> importance -> teacher logits (optional) -> prune | search -> distill
+    -> align (optional) -> eval -> report
 
 The pipeline is the table `STAGES`: each stage has a name, the recipe settings that form its
 fingerprint, and a function of (recipe, run folder).  `run` walks the table.  Every stage writes
@@ -63,6 +64,7 @@ class RunFolder:
         self.scores = root / "scores.safetensors"
         self.corrected, self.pruned = root / "teacher-corrected", root / "pruned"
         self.student, self.aligned = root / "student", root / "aligned"
+        self.teacher_logits = root / "teacher-logits"
         self._teacher_model = None
         self._log = root / "run.log"
 
@@ -110,6 +112,40 @@ def importance_stage(r: Recipe, run: RunFolder) -> dict:
     return {"depth_metrics": sorted(scores.depth_scores)}
 
 
+def teacher_logits_stage(r: Recipe, run: RunFolder) -> dict:
+    """The teacher's top-K over the distill stage's windows and the search's, written once (`slimlm teacher-logits`)."""
+    from .distill.teacher_logits import write_cache
+
+    c = teacher_logits_config(r)
+    run.log(f"stage teacher_logits: the teacher's top-{c.top_k} over {c.tokens:,} tokens of distillation windows")
+    summary = write_cache(run.teacher, run.teacher_logits, c, replace=True, progress=run.progress,
+                          loaded=run.teacher_model())
+    return {k: summary[k] for k in ("windows", "tokens", "top_k", "bytes", "bytes_per_token")}
+
+
+def teacher_logits_config(r: Recipe):
+    """The cache's settings: K and batch sizes from the recipe's section, the windows those of the distill section,
+    for its budget or the search's, whichever is larger (one cache covers both: see `CacheStream`)."""
+    d = r.distill
+    tokens = d.tokens
+    if r.mode == "search":
+        from .adapters import get_adapter
+        from .models import load_config
+        from .search import search_tokens
+
+        tokens = max(tokens, search_tokens(get_adapter(load_config(r.teacher)), r.search, d))
+    return r.teacher_logits.make(r.teacher_logits, data_weights=d.data_weights, eval_data=d.eval_data, tokens=tokens,
+                                 seq_len=d.seq_len, global_batch=d.global_batch, heldout=d.heldout,
+                                 token_cache=d.token_cache)
+
+
+def distill_settings(r: Recipe, run: RunFolder) -> DistillConfig:
+    """The distill section, reading the run's teacher-logits cache when the recipe writes one."""
+    if r.uses_teacher_logits:
+        return r.distill.make(r.distill, teacher_logits=str(run.teacher_logits))
+    return r.distill
+
+
 def prune_stage(r: Recipe, run: RunFolder) -> dict:
     from . import api
 
@@ -130,7 +166,7 @@ def _search_and_prune(r: Recipe, run: RunFolder) -> dict:
     s = r.search
     run.log(f"stage search: successive halving over {s.search_budget:,} distillation tokens")
     # A search folder left by a recipe with other settings is cleared; one with the same settings is continued.
-    result = search(run.teacher, run.root / "search", s, r.distill, r.importance, scores=run.scores,
+    result = search(run.teacher, run.root / "search", s, distill_settings(r, run), r.importance, scores=run.scores,
                     loaded=run.teacher_model(), progress=run.progress, overwrite=True)
     targets = prune_targets(result["winner"], get_adapter(run.teacher_model()).shape())
     return api.prune(run.teacher, run.pruned, targets, r.importance, scores=run.scores, overwrite=True,
@@ -138,9 +174,12 @@ def _search_and_prune(r: Recipe, run: RunFolder) -> dict:
 
 
 def distill_stage(r: Recipe, run: RunFolder) -> dict:
-    d = r.distill
-    run.log(f"stage distill: {d.tokens:,} tokens of forward-KL distillation")
+    d = distill_settings(r, run)
+    source = f" from the teacher's top-{r.teacher_logits.top_k} in {run.teacher_logits}" if d.teacher_logits else ""
+    run.log(f"stage distill: {d.tokens:,} tokens of forward-KL distillation{source}")
     teacher = run._teacher_model if run._teacher_model is not None else run.teacher
+    if d.teacher_logits:  # named, to be checked against the cache; never loaded
+        teacher = run.teacher
     res = train(r, "distill", teacher, str(run.pruned), run.student, d, progress=run.progress)
     run.release_teacher()
     return {"metrics": res.metrics, "tokens": res.tokens}
@@ -207,6 +246,8 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("correct", lambda r: r.correct_teacher.as_dict(), correct_stage, lambda r: r.corrects_teacher),
     Stage("importance", lambda r: [r.importance.as_dict(), r.prune.layers, r.prune.depth_metric], importance_stage),
+    Stage("teacher_logits", lambda r: [teacher_logits_inputs(r)], teacher_logits_stage,
+          lambda r: r.uses_teacher_logits),
     Stage("prune", lambda r: [r.mode, r.prune.as_dict() if r.mode == "prune" else [r.search.as_dict(),
                                                                                      r.distill.as_dict()]], prune_stage),
     Stage("distill", lambda r: r.distill.as_dict(), distill_stage),
@@ -215,6 +256,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("report", lambda r: r.report.as_dict(), report_stage, lambda r: r.report.enabled),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def teacher_logits_inputs(r: Recipe) -> list:
+    """What the teacher_logits stage's cache depends on: its section and the distill settings that place windows
+    (no model is loaded: the search's share is covered by the search settings themselves)."""
+    d = r.distill
+    return [r.teacher_logits.as_dict(), d.data_weights, d.eval_data, d.tokens, d.seq_len, d.global_batch, d.heldout,
+            d.micro_batch, d.token_cache, r.mode, r.search.as_dict() if r.mode == "search" else None]
 
 
 def fingerprints(r: Recipe) -> dict[str, str]:
@@ -257,6 +306,10 @@ def validate_recipe_inputs(r: Recipe) -> None:
             raise SlimlmError(f"{section}.seq_len {seq_len} is past the teacher's limit of {limit} positions")
     if r.eval.ppl is not None:
         check_source(r.eval.ppl, r.eval.text_field)
+    if r.uses_teacher_logits:
+        from .distill.trainer import check_settings, check_teacher_logits_settings
+
+        check_teacher_logits_settings(r.distill, *check_settings(r.distill))
     from .distill.tokens import usable_token_cache
 
     usable_token_cache()  # the distill stage (and teacher correction) tokenize into it
@@ -264,7 +317,7 @@ def validate_recipe_inputs(r: Recipe) -> None:
 
 # What a run writes into its folder.
 RUN_OUTPUTS = ("recipe.yaml", "recipe.resolved.json", "stages.json", "run.log", "teacher-corrected", "scores.safetensors",
-               "pruned", "search", "student", "aligned", "eval", "report")
+               "teacher-logits", "pruned", "search", "student", "aligned", "eval", "report")
 
 
 def _is_run_folder(folder: Path) -> bool:

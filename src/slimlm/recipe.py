@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from .config import (AlignConfig, CorrectConfig, DistillConfig, EvalConfig, ImportanceConfig, PruneConfig,
-                     ReportConfig, RunConfig, SearchConfig, Settings, check_bounds, shared_settings)
+                     ReportConfig, RunConfig, SearchConfig, Settings, TeacherLogitsConfig, check_bounds,
+                     shared_settings)
 from .errors import SlimlmError
 
 #: recipe section -> the config class it holds
@@ -29,6 +30,7 @@ SECTIONS: dict[str, type[Settings]] = {
     "importance": ImportanceConfig,
     "prune": PruneConfig,
     "search": SearchConfig,
+    "teacher_logits": TeacherLogitsConfig,
     "distill": DistillConfig,
     "align": AlignConfig,
     "eval": EvalConfig,
@@ -47,6 +49,7 @@ class Recipe:
     importance: ImportanceConfig
     prune: PruneConfig
     search: SearchConfig
+    teacher_logits: TeacherLogitsConfig
     distill: DistillConfig
     align: AlignConfig
     eval: EvalConfig
@@ -59,6 +62,12 @@ class Recipe:
     @property
     def corrects_teacher(self) -> bool:
         return "correct_teacher" in self.present
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """A `teacher_logits:` section: the run writes the teacher's top-K once, and the search and the distill
+        stage train from it instead of running the teacher."""
+        return "teacher_logits" in self.present
 
     @property
     def aligns(self) -> bool:

@@ -19,8 +19,11 @@ steps; 27 candidates would not get one step each in rung 0, so 26 run: 26 x 1 + 
 steps, 27 x 1 + 9 x 7 + 3 x 22 = 156).  When the budget cannot give every candidate of rung 0
 one step, fewer candidates run (the first of the spread, see `enumerate_candidates`).
 Validation (held-out windows, no backward) is not counted: every candidate is validated at
-step 0 and at the end of each of its rungs.  Each candidate runs the teacher itself for now;
-`_distill_candidate` is where a shared teacher-logits cache will take the teacher's place.
+step 0 and at the end of each of its rungs.  Each candidate runs the teacher itself, unless
+the distillation settings name a teacher-logits cache (``teacher_logits``, which `slimlm run`
+writes once for the search and the distill stage): then every candidate trains and is
+validated from the cache (top-K + rest-bucket KL), and the teacher runs once for the whole
+search.  The cache must cover the search's windows (`search_tokens`); that is checked first.
 
 Each candidate is one distillation planned for the last rung's length (so every candidate is
 at the same point of the same learning-rate schedule when it is compared) and stopped at the
@@ -348,14 +351,12 @@ def run_rung(teacher_model, tokenizer, scores, candidates: list[Candidate], rung
 
 def _distill_candidate(teacher, student, folder: Path, data, config: DistillConfig, tokenizer, *, resume: bool,
                        progress: bool):
-    """One candidate's distillation up to its rung's end.
-
-    The seam for a shared teacher-logits cache (`slimlm teacher-logits`): once the trainer reads
-    one, the candidates pass it here instead of the teacher model, and the teacher runs once for
-    the whole search instead of once per candidate and rung.
-    """
+    """One candidate's distillation up to its rung's end (from the teacher-logits cache when the config names one:
+    the teacher model is then not used; `search` checked the cache against it)."""
     from .distill import distill as run_distill
 
+    if config.teacher_logits:
+        teacher = None
     return run_distill(teacher, student, data, folder, config=config, tokenizer=tokenizer, resume=resume,
                        overwrite=not resume, progress=progress)
 
@@ -428,6 +429,34 @@ def write_ranking(out: Path, results: list[dict]) -> None:
     atomic_write_json(out / "ranking.json", results)
 
 
+def search_plan(adapter: Adapter, c: SearchConfig, d: DistillConfig) -> tuple[list[Candidate], list[Rung], int]:
+    """(candidates that run, the rungs, tokens per optimizer step) of a search; see the module doc."""
+    candidates = enumerate_candidates(adapter, c)
+    tokens_per_step = (d.global_batch or d.micro_batch) * d.seq_len
+    rungs = fit_ladder(len(candidates), c.search_budget // tokens_per_step, c.reduction)
+    return candidates[: rungs[0].candidates], rungs, tokens_per_step
+
+
+def search_tokens(adapter: Adapter, c: SearchConfig, d: DistillConfig) -> int:
+    """The token budget each candidate's distillation is planned for (the last rung's steps): what a shared
+    teacher-logits cache must cover."""
+    _, rungs, tokens_per_step = search_plan(adapter, c, d)
+    return rungs[-1].steps * tokens_per_step
+
+
+def _check_cache(model: str, tokenizer, d: DistillConfig, imp: ImportanceConfig, tokens: int) -> None:
+    """The teacher-logits cache `d.teacher_logits` was written from `model` for the candidates' data and covers them."""
+    from .distill.teacher_logits import TeacherLogitsCache
+    from .distill.trainer import check_settings, check_teacher_logits_settings
+
+    check_teacher_logits_settings(d, *check_settings(d))
+    cache = TeacherLogitsCache.open(d.teacher_logits)
+    cache.check_files()
+    cache.check_matches(tokenizer=tokenizer, data=imp.data, data_weights=d.data_weights, eval_data=d.eval_data,
+                        text_field=imp.text_field, seed=d.seed, seq_len=d.seq_len, teacher=model, dtype=d.dtype)
+    cache.stream(tokens=tokens, global_batch=d.global_batch or d.micro_batch, heldout=d.heldout)
+
+
 def _ladder_record(model: str, candidates: list[Candidate], rungs: list[Rung], c: SearchConfig, d: DistillConfig,
                    imp: ImportanceConfig, tokens_per_step: int, budget_steps: int) -> dict:
     """What a search folder was made with (OUT/ladder.json); a restart must find the same."""
@@ -482,7 +511,7 @@ def search(
     pick_dtype(d.dtype)
     model_config = loaded.config if loaded is not None else load_config(model)
     adapter = get_adapter(model_config)
-    candidates = enumerate_candidates(adapter, c)
+    candidates, rungs, tokens_per_step = search_plan(adapter, c, d)
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit and d.seq_len > limit:
         raise SlimlmError(f"--seq-len {d.seq_len} is past the model's limit of {limit} positions")
@@ -490,10 +519,9 @@ def search(
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"the search output {out} is not a folder; choose another --output")
     probe_writable(out, what="search folder")
-    tokens_per_step = (d.global_batch or d.micro_batch) * d.seq_len
     budget_steps = c.search_budget // tokens_per_step
-    rungs = fit_ladder(len(candidates), budget_steps, c.reduction)
-    candidates = candidates[: rungs[0].candidates]
+    if d.teacher_logits:
+        _check_cache(model, load_tokenizer(model), d, imp, rungs[-1].steps * tokens_per_step)
     record = _ladder_record(model, candidates, rungs, c, d, imp, tokens_per_step, budget_steps)
     previous = json.loads((out / LADDER_FILE).read_text()) if (out / LADDER_FILE).exists() else None
     if previous is not None and previous != json.loads(json.dumps(record, default=str)):

@@ -5,7 +5,7 @@ Imports stay light here (no torch) so that `slimlm --help` is fast; the trainer 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,22 +38,29 @@ def _report(result, as_json: bool, what: str) -> None:
 
 @settings_command
 def distill_command(
-    teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher model: folder, hub id, .gguf or alias.")],
     student: Annotated[str, typer.Option("--student", "-s", help="Student model (e.g. the output of slimlm prune).")],
     out: Out,
     config: DistillConfig,
     memory: MemoryConfig,
+    teacher: Annotated[Optional[str], typer.Option(
+        "--teacher", "-t", help="Teacher model: folder, hub id, .gguf or alias (with --teacher-logits: optional, checked "
+                                "against the cache).")] = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
     as_json: JsonOut = False,
     quiet: Quiet = False,
 ):
-    """Distill a teacher into a (pruned) student with the Minitron loss (forward KL on logits)."""
+    """Distill a teacher into a (pruned) student with the Minitron loss (forward KL on logits).
+
+    With --teacher-logits CACHE (written by `slimlm teacher-logits`) the teacher is not loaded.
+    """
     if dry_run:
         from ..memory import plan_distill
 
-        print_memory_plans([("", plan_distill(teacher, student, config, memory))], as_json)
+        # With a cache no teacher is loaded: plan for the student alone.
+        planned = None if config.teacher_logits else teacher
+        print_memory_plans([("", plan_distill(planned, student, config, memory))], as_json)
         return
     from . import distill
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import SlimlmError
 from ..models import decoder
 from .loss import IGNORE_INDEX, CheckpointedKDLoss, FusedKDLoss, PlainKDLoss, as_head
+from .topk_loss import CheckpointedTopKLoss, FusedTopKLoss, PlainTopKLoss, TeacherTargets
 
 
 def lm_head(model: nn.Module):
@@ -147,6 +148,10 @@ class StudentObjective(nn.Module):
     scalars: ``loss`` (with grad) and detached ``kd``, ``ce``, ``kl``, ``hidden``.
     With ``metrics=True`` it instead returns token sums for validation: forward KL at
     temperature 1 and the LM loss, never the training loss.
+
+    With `cached_targets` the teacher's distribution comes from a teacher-logits cache:
+    ``forward(input_ids, targets=TeacherTargets)``, and the KL (training and validation) is
+    the top-K + rest-bucket KL of `slimlm.distill.topk_loss` (temperature 1, forward KL only).
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class StudentObjective(nn.Module):
         chunk_size: int = 512,
         fused: bool = True,
         router_weight: float = 0.0,
+        cached_targets: bool = False,
     ):
         super().__init__()
         # > 0: the training loss adds the student's router load-balancing loss with this weight
@@ -178,6 +184,11 @@ class StudentObjective(nn.Module):
         loss_class = FusedKDLoss if fused else CheckpointedKDLoss
         self.train_loss = loss_class("none", chunk_size=chunk_size) if mode == "lm" else \
             loss_class(loss, temperature, ce_weight, chunk_size)
+        self.cached_targets = cached_targets
+        if cached_targets:  # the same choice of fused / checkpointed, for the top-K loss (forward KL, T = 1)
+            if mode != "kd" or loss != "kl" or temperature != 1.0 or hidden_loss:
+                raise SlimlmError("cached teacher targets train with the forward KL at temperature 1 only")
+            self.train_loss = (FusedTopKLoss if fused else CheckpointedTopKLoss)(chunk_size, ce_weight)
         hs = student.config.hidden_size
         # Width-pruned students have fewer hidden channels than the teacher: a learned linear map
         # (trained with the student, not exported) brings them to the teacher's width.
@@ -189,7 +200,10 @@ class StudentObjective(nn.Module):
     def student(self) -> nn.Module:
         return self.hf_model
 
-    def forward(self, input_ids, teacher_hidden=None, teacher_taps=None, teacher_head=None, metrics: bool = False):
+    def forward(self, input_ids, teacher_hidden=None, teacher_taps=None, teacher_head=None, metrics: bool = False,
+                targets: TeacherTargets | None = None):
+        if targets is not None:
+            return self._from_cached_targets(input_ids, targets, metrics)
         tap = [s for s, _ in self.layer_map] if (self.hidden_loss and not metrics) else []
         router = bool(self.router_weight) and not metrics
         with tap_layers(self.hf_model, tap) as taps:
@@ -216,6 +230,26 @@ class StudentObjective(nn.Module):
         if router:
             loss = loss + self.router_weight * router_balance_loss(self.hf_model, outputs.router_logits)
         return {"loss": loss, "kd": out.kd, "ce": out.ce, "kl": out.kl, "hidden": h_loss.detach()}
+
+    def _from_cached_targets(self, input_ids, targets: TeacherTargets, metrics: bool):
+        """The loss (or, with `metrics`, the validation sums) against a teacher-logits cache's targets."""
+        router = bool(self.router_weight) and not metrics
+        outputs = decoder(self.hf_model)(input_ids=input_ids, use_cache=False,
+                                         **({"output_router_logits": True} if router else {}))
+        hidden = outputs.last_hidden_state
+        labels = next_token_labels(input_ids).reshape(-1)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if logit_scale(self.hf_model) != 1.0:
+            flat = flat * logit_scale(self.hf_model)
+        if metrics:  # the top-K + bucket KL of every token and the LM loss, as sums
+            out = PlainTopKLoss(self.chunk_size, ce_weight=1.0)(flat, lm_head(self.hf_model), targets, labels=labels)
+            return torch.stack([out.kl * out.n_tokens, out.ce * out.n_labels,
+                                flat.new_tensor(out.n_tokens), flat.new_tensor(out.n_labels)]).float()
+        out = self.train_loss(flat, lm_head(self.hf_model), targets, labels=labels)
+        loss = out.loss
+        if router:
+            loss = loss + self.router_weight * router_balance_loss(self.hf_model, outputs.router_logits)
+        return {"loss": loss, "kd": out.kd, "ce": out.ce, "kl": out.kl, "hidden": loss.new_zeros(()).detach()}
 
     def _hidden_loss(self, student_taps, teacher_taps):
         """Mean over mapped pairs and tokens of 1 - cos(student state, teacher state), after the final norms."""
@@ -275,7 +309,10 @@ class Distillation(nn.Module):
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
 
-    def forward(self, input_ids: torch.Tensor, metrics: bool = False):
+    def forward(self, input_ids: torch.Tensor, metrics: bool = False, targets=None):
+        """`targets`: a teacher-logits cache's targets (`as_module_inputs`), used instead of the teacher."""
+        if targets is not None:
+            return self.objective(input_ids, metrics=metrics, targets=from_module_inputs(targets))
         t_hidden = t_taps = t_head = None
         if self.teacher is not None:
             t_head = lm_head(self.teacher.hf_model)
@@ -303,6 +340,38 @@ class Distillation(nn.Module):
         if not self._with_teacher:  # keys are relative to the outermost module (DDP adds "module.")
             for key in [k for k in incompatible_keys.missing_keys if _TEACHER_KEY.match(k)]:
                 incompatible_keys.missing_keys.remove(key)
+
+
+def as_module_inputs(targets: TeacherTargets) -> tuple:
+    """Cached targets as inputs of the root module: the log-probabilities passed as their bit patterns.
+
+    FSDP2 with bf16 mixed precision casts every floating-point input of the root module to
+    bf16, which would keep 8 of the 11 significant bits that the cache stores in float16; as
+    integers they go through untouched (`from_module_inputs` turns them back).
+    """
+    return (targets.topk_ids, _as_bits(targets.topk_logprobs), _as_bits(targets.rest_logmass))
+
+
+def from_module_inputs(inputs) -> TeacherTargets:
+    """The `TeacherTargets` that `as_module_inputs` packed (a `TeacherTargets` passes through)."""
+    if isinstance(inputs, TeacherTargets):
+        return inputs
+    ids, logprobs, rest = inputs
+    return TeacherTargets(ids, _from_bits(logprobs), _from_bits(rest))
+
+
+_BITS = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_FLOATS = {torch.int16: torch.float16, torch.int32: torch.float32, torch.int64: torch.float64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.bfloat16:  # no bit type of its own: widen (exactly) to float32
+        t = t.float()
+    return t.view(_BITS[t.dtype])
+
+
+def _from_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_FLOATS[t.dtype])
 
 
 _TEACHER_KEY = re.compile(r"^(?:(?:module|_orig_mod)\.)*teacher\.")

@@ -252,6 +252,16 @@ class CachedWindows:
     ids: torch.Tensor
     targets: TeacherTargets
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index) -> "CachedWindows":
+        """Some of the windows (an index or slice of the first axis)."""
+        return CachedWindows(self.ids[index], self.targets[index])
+
+    def to(self, device) -> "CachedWindows":
+        return CachedWindows(self.ids.to(device), self.targets.to(device))
+
 
 def _as_tensors(values: dict[str, np.ndarray]) -> CachedWindows:
     ids = torch.from_numpy(values["ids"].astype(np.int64))
@@ -263,10 +273,12 @@ def _as_tensors(values: dict[str, np.ndarray]) -> CachedWindows:
 class CacheStream:
     """A distillation's stream over a cache: position -> window, as `TrainingData` maps them for that budget."""
 
-    def __init__(self, cache: "TeacherLogitsCache", need: int, heldout: int):
+    def __init__(self, cache: "TeacherLogitsCache", need: int, heldout: int, tokens: int | None = None,
+                 global_batch: int | None = None):
         from .data import Mixture, split_windows, window_plan
 
         self.cache, self.need, self.heldout = cache, need, heldout
+        self.tokens, self.global_batch = tokens, global_batch
         train = [s for s in cache.sources if s["role"] == "train"]
         weights = [s["weight"] for s in train]
         evals = [i for i, s in enumerate(cache.sources) if s["role"] == "eval"]
@@ -288,9 +300,14 @@ class CacheStream:
 
     def _check_covered(self, source: dict, windows: int) -> None:
         if windows > source["windows"]:
+            budget = ""
+            if self.tokens is not None:
+                budget = f" --tokens {self.tokens} --global-batch {self.global_batch} --heldout {self.heldout}"
             raise SlimlmError(
                 f"the teacher-logits cache {self.cache.path} holds {source['windows']} windows of {source['name']}, "
-                f"this distillation reads {windows}: extend it with `slimlm teacher-logits` and the larger --tokens")
+                f"this distillation reads {windows}: extend it with `slimlm teacher-logits "
+                f"{self.cache.manifest.get('teacher', 'TEACHER')} -o {self.cache.path}{budget}` (and the same data, "
+                "seed and seq-len)")
 
     def windows(self, position: int, count: int) -> CachedWindows:
         """The windows at stream positions [position, position + count) and their targets."""
@@ -331,10 +348,16 @@ class TeacherLogitsCache:
         manifest = read_manifest(path)
         if manifest is None:
             raise SlimlmError(f"{path} is not a teacher-logits cache (no manifest.json of `slimlm teacher-logits`)")
-        if manifest["key"].get("version") != VERSION:
-            raise SlimlmError(f"{path} is a teacher-logits cache of format version {manifest['key'].get('version')}; "
+        key = manifest.get("key")
+        if not isinstance(key, dict):
+            raise SlimlmError(f"{path}/manifest.json is damaged (no key); write the cache again")
+        if key.get("version") != VERSION:
+            raise SlimlmError(f"{path} is a teacher-logits cache of format version {key.get('version')}; "
                               f"this slimlm reads version {VERSION}: write it again")
-        return cls(path, manifest)
+        try:
+            return cls(path, manifest)
+        except (KeyError, TypeError) as exc:
+            raise SlimlmError(f"{path}/manifest.json is damaged (missing {exc}); write the cache again") from None
 
     def check_matches(self, *, tokenizer, data=None, data_weights=None, eval_data=None, text_field: str = "text",
                       seed: int = 0, seq_len: int, teacher: str | None = None, dtype="auto") -> None:
@@ -354,6 +377,28 @@ class TeacherLogitsCache:
         if differ:
             raise SlimlmError(f"the teacher-logits cache {self.path} was written for another {', '.join(differ)} "
                               "than this distillation's")
+
+    def check_files(self) -> None:
+        """SlimlmError when a shard the manifest counts is missing, unreadable, too short or of another shape.
+
+        Reads the ``.npy`` headers only (memory-mapped), so a damaged cache is found before training starts.
+        """
+        per_shard = self.manifest["shard_windows"]
+        for i, entry in enumerate(self.sources):
+            store = self.store(i)
+            n = entry["windows"]
+            for shard in range((n + per_shard - 1) // per_shard):
+                rows = min(per_shard, n - shard * per_shard)
+                for field in FIELDS:
+                    path = store.path(shard, field)
+                    try:
+                        arr = np.load(path, mmap_mode="r")
+                    except (OSError, ValueError) as exc:
+                        raise SlimlmError(f"the teacher-logits cache {self.path} is damaged ({path.name} of "
+                                          f"{entry['folder']}: {exc}); write it again") from None
+                    if len(arr) < rows or arr.shape[1:] != store.shapes[field] or arr.dtype != store.dtypes[field]:
+                        raise SlimlmError(f"the teacher-logits cache {self.path} is damaged ({entry['folder']}/"
+                                          f"{path.name} holds {arr.dtype}{list(arr.shape)}); write it again")
 
     def store(self, source: int) -> _SourceShards:
         if source not in self._stores:
@@ -377,7 +422,7 @@ class TeacherLogitsCache:
         gb = global_batch or last["global_batch"]
         tokens = tokens if tokens is not None else last["tokens"]
         need = _training_windows(tokens, gb, self.seq_len)
-        return CacheStream(self, need, last["heldout"] if heldout is None else heldout)
+        return CacheStream(self, need, last["heldout"] if heldout is None else heldout, tokens, gb)
 
     def windows(self, position: int, count: int) -> CachedWindows:
         """Windows at stream positions [position, position + count) of the stream last written for."""
@@ -406,6 +451,7 @@ def write_cache(
     config: TeacherLogitsConfig | None = None,
     *,
     overwrite: bool = False,
+    replace: bool = False,
     progress: bool = True,
     loaded=None,
     **overrides,
@@ -417,7 +463,8 @@ def write_cache(
     with the same data, seed, sequence length, global batch and held-out count reads for
     `tokens` (see the module doc).  An existing cache with the same key is continued (after a
     crash) or extended (a larger budget); one with another key is refused.  `overwrite`
-    replaces whatever `output` holds.
+    replaces whatever `output` holds; `replace` replaces only a cache with another key (and continues
+    or extends one with the same key: the pipeline's own cache).
     `loaded` is the teacher already in memory (`teacher` still names it, for the key).  Returns
     {"output", "windows", "new_windows", "tokens", "top_k", "bytes", "bytes_per_token", "seconds"}.
     """
@@ -449,6 +496,8 @@ def write_cache(
                     c.text_field, c.seed, c.seq_len, c.top_k)
     out = Path(output).expanduser()
     manifest = None if overwrite else read_manifest(out)
+    if manifest is not None and manifest["key"] != key and replace:
+        manifest, overwrite = None, True
     if manifest is not None and manifest["key"] != key:
         raise SlimlmError(f"{out} holds teacher logits for another {', '.join(_differences(manifest['key'], key))}; "
                           "choose another folder, or --overwrite to replace it")

@@ -41,7 +41,9 @@ from .accel import check_fsdp_version, set_deepspeed_micro_batch
 from .data import build_training_data, chat_text_source, describe_sources, parse_sources, tokenizer_fingerprint
 from .export import export_student
 from .loss import check_loss_name
-from .modules import Distillation, StudentObjective, TeacherForward, parse_layer_map, router_loss_weight
+from .modules import (Distillation, StudentObjective, TeacherForward, as_module_inputs, parse_layer_map,
+                      router_loss_weight)
+from .teacher_logits import CachedWindows, TeacherLogitsCache
 from .tokens import usable_token_cache
 
 __all__ = ["distill", "correct_teacher", "DistillRecipe", "DistillResult", "NonFiniteLossError", "schedule",
@@ -93,7 +95,9 @@ def distill(
     `teacher`, `student`: model names/folders/aliases (as `slimlm.models.load_model` takes) or
     loaded Hugging Face models (a model object is trained in place, in fp32: see
     `slimlm.training.precision`).  `teacher` may be None in mode 'lm'; given there,
-    validation also reports the KL to it.  `config` is a `DistillConfig` (its fields document
+    validation also reports the KL to it.  With ``teacher_logits=CACHE`` (a `slimlm
+    teacher-logits` folder) the teacher is never loaded: training and validation read its
+    top-K targets, `teacher` may be None, and a teacher given by name must be the cache's.  `config` is a `DistillConfig` (its fields document
     every setting); keyword `overrides` replace its values, and `data` and `tokens` are
     overrides given positionally for short calls:
     ``distill("smollm2-135m", "pruned", "corpus.txt", "out", "100k")``.
@@ -152,6 +156,23 @@ def check_settings(c: DistillConfig) -> tuple[str, str | None]:
     return loss, hidden_loss
 
 
+def check_teacher_logits_settings(c: DistillConfig, loss: str, hidden_loss: str | None) -> None:
+    """Refuse (one line) the settings a teacher-logits cache cannot serve; `loss`, `hidden_loss` from `check_settings`."""
+    flag = "--teacher-logits"
+    if c.mode != "kd":
+        raise SlimlmError(f"{flag} needs mode 'kd' (the cache holds a teacher's distribution)")
+    if loss != "kl":
+        raise SlimlmError(f"{flag} trains with the forward KL (--loss kl): {loss} needs the teacher's whole "
+                          "distribution, the cache holds its top K")
+    if c.temperature != 1.0:
+        raise SlimlmError(f"{flag} needs --temperature 1: the cache holds log-probabilities at temperature 1, "
+                          "from which the rest bucket's mass at another temperature cannot be recovered")
+    if hidden_loss:
+        raise SlimlmError(f"--hidden-loss needs the teacher's hidden states, which {flag} does not hold")
+    if c.chat:
+        raise SlimlmError(f"--chat cannot read {flag}: a cache is written from text sources")
+
+
 def _spec_and_config(model, role: str):
     """(the name the user gave, config) for a model given as a spec string or an nn.Module."""
     if model is None:
@@ -199,9 +220,10 @@ class DistillRecipe:
         self.c = dataclasses.replace(c.with_learning_rates(), data=c.data or DEFAULT_CORPUS)
         self.teacher, self.student = teacher, student
         self.resume, self.overwrite, self.progress, self.on_step = resume, overwrite, progress, on_step
-        if self.teacher is None and c.mode == "kd":
-            raise SlimlmError("distillation needs a teacher")
+        if self.teacher is None and c.mode == "kd" and not c.teacher_logits:
+            raise SlimlmError("distillation needs a teacher (or --teacher-logits CACHE)")
         self.loss, self.hidden_loss = check_settings(self.c)
+        self.cache = self._open_teacher_logits() if c.teacher_logits else None
         self.sources = parse_sources(self.c.data, c.data_weights)
         self.token_cache = usable_token_cache(c.token_cache)
         self.batch = plan_batch(c.micro_batch, c.global_batch)
@@ -218,6 +240,7 @@ class DistillRecipe:
         self.tok = self._check_tokenizer(tokenizer)
         self.pairs = parse_layer_map(c.layer_map, self.s_cfg.num_hidden_layers, self.t_cfg.num_hidden_layers) \
             if self.hidden_loss else []
+        self.stream = self._check_teacher_logits() if self.cache is not None else None
         self.settings = self._run_settings()
         if resume:
             self.folder.check_same_run(self.settings)
@@ -227,10 +250,36 @@ class DistillRecipe:
         return self.batch.global_batch * self.c.seq_len
 
     # ---- checks (construction) ---------------------------------------------------------------
+    def _open_teacher_logits(self) -> TeacherLogitsCache:
+        """The teacher-logits cache, after refusing the settings it cannot serve (one line each)."""
+        check_teacher_logits_settings(self.c, self.loss, self.hidden_loss)
+        if self.teacher is not None and not isinstance(self.teacher, (str, os.PathLike)):
+            raise SlimlmError("with --teacher-logits give the teacher by name (it is checked against the cache, not "
+                              "loaded) or not at all")
+        cache = TeacherLogitsCache.open(self.c.teacher_logits)
+        cache.check_files()
+        return cache
+
+    def _check_teacher_logits(self):
+        """The cache was written for this run's tokenizer, data, seed, seq-len (and teacher) and covers its budget.
+
+        Returns the run's stream over the cache (`CacheStream`).
+        """
+        c, cache = self.c, self.cache
+        if cache.vocab != self.s_cfg.vocab_size:
+            raise SlimlmError(f"the teacher-logits cache {cache.path} holds a {cache.vocab}-token vocabulary, the "
+                              f"student has {self.s_cfg.vocab_size}; distillation needs the same tokenizer")
+        cache.check_matches(tokenizer=self.tok, data=c.data, data_weights=c.data_weights, eval_data=c.eval_data,
+                            text_field=c.text_field, seed=c.seed, seq_len=c.seq_len, teacher=self.t_spec,
+                            dtype=self.precision.compute)
+        return cache.stream(tokens=c.tokens, global_batch=self.batch.global_batch,
+                            heldout=c.heldout if self.eval_every else 0)
+
     def _check_output(self) -> None:
         self.folder.refuse_inputs(self.t_spec, self.s_spec)
+        self.folder.refuse_inputs(self.c.teacher_logits, what="the teacher-logits cache")
         self.checkpoint = latest_checkpoint(self.folder.run)
-        inputs = (self.t_spec, self.s_spec, self.c.eval_data, *(s for s, _ in self.sources))
+        inputs = (self.t_spec, self.s_spec, self.c.eval_data, self.c.teacher_logits, *(s for s, _ in self.sources))
         self.folder.check_start(resume=self.resume, overwrite=self.overwrite, has_checkpoint=self.checkpoint is not None,
                                 where=self.folder.run / "checkpoints", inputs=inputs)
         if not self.resume:
@@ -285,6 +334,8 @@ class DistillRecipe:
             settings.update(chat=True, chat_template=template_hash(template_text(self.tok)))
         if c.router_aux_loss:
             settings.update(router_aux_loss=self.router_weight)
+        if self.cache is not None:  # resuming from another cache (or one rewritten with another key) is refused
+            settings.update(teacher_logits=str(self.cache.path), teacher_logits_key=self.cache.key)
         return settings
 
     # ---- the run -------------------------------------------------------------------------------
@@ -321,6 +372,11 @@ class DistillRecipe:
     def _setup_data(self) -> None:
         """The training windows and the held-out ones (each source tokenized once into the token cache)."""
         acc, c = self.accelerator, self.c
+        world = acc.num_processes
+        if self.stream is not None:  # the windows and their targets come from the cache: nothing to tokenize
+            held = self.stream.heldout_windows()
+            self.data, self.held = self.stream, held[: (len(held) // world) * world]
+            return
         need = self.total_steps * self.batch.global_batch
         n_heldout = c.heldout if self.eval_every else 0
         with acc.main_process_first():
@@ -334,7 +390,6 @@ class DistillRecipe:
                                                   eval_source=eval_src if c.eval_data else None,
                                                   text_field=text_field, cache=self.token_cache,
                                                   progress=self.progress and self.main, say=say)
-        world = acc.num_processes
         self.held = held[: (len(held) // world) * world]  # every process evaluates the same number of windows
 
     def _setup_models(self) -> None:
@@ -346,7 +401,7 @@ class DistillRecipe:
         else:
             student = self.precision.trainable(self.student)
         teacher = None
-        if self.t_cfg is not None:  # the frozen teacher runs in the compute dtype
+        if self.t_cfg is not None and self.cache is None:  # the frozen teacher runs in the compute dtype
             is_path = isinstance(self.teacher, (str, os.PathLike))
             teacher = load_model(self.t_spec, self.precision.compute) if is_path else self.teacher
         if c.gradient_checkpointing:
@@ -361,6 +416,7 @@ class DistillRecipe:
         objective = StudentObjective(
             student, c.mode, self.loss, c.temperature, c.ce_weight, self.hidden_loss, self.pairs, c.hidden_weight,
             self.t_cfg.hidden_size if teacher is not None else None, c.chunk_size, router_weight=self.router_weight,
+            cached_targets=self.cache is not None,
         )
         # One module runs teacher, student and loss: under FSDP2 / ZeRO-3 it is the root, so every
         # sharded module is called inside the root's forward (see Distillation).
@@ -461,9 +517,9 @@ class DistillRecipe:
         sums = torch.zeros(5, device=acc.device)
         stats = grad_norm = None
         for m in range(b.accumulation):
-            ids = self.data.windows(first + m * b.micro_batch, b.micro_batch).to(acc.device)
+            batch = self.data.windows(first + m * b.micro_batch, b.micro_batch)
             with acc.accumulate(self.model):
-                res = self.model(ids)
+                res = model_forward(self.model, batch, acc.device)
                 acc.backward(res["loss"])
                 sums += torch.stack([res["loss"].detach().float(), res["kd"].float(), res["ce"].float(),
                                      res["kl"].float(), res["hidden"].float()])
@@ -527,8 +583,10 @@ class DistillRecipe:
     def _validate(self, step: int) -> dict:
         if not len(self.held):
             return {}
-        metrics = validation_metrics(self.accelerator, self.model, self.t_cfg is not None, self.held,
-                                     self.c.micro_batch)
+        metrics = validation_metrics(self.accelerator, self.model, self.t_cfg is not None or self.cache is not None,
+                                     self.held, self.c.micro_batch)
+        if self.cache is not None:  # val_kl is the top-K + rest-bucket KL to the cache's targets
+            metrics["val_kl_top_k"] = self.cache.top_k
         self.monitor.log({"event": "eval", "step": step, "tokens": step * self.tokens_per_step, **metrics})
         return metrics
 
@@ -542,6 +600,13 @@ class DistillRecipe:
     def _result(self, steps: int, complete: bool, metrics: dict, elapsed: float) -> DistillResult:
         return DistillResult(str(self.folder.out), self.c.mode, steps, steps * self.tokens_per_step, complete,
                              metrics, elapsed, self.last_checkpoint)
+
+    def _cache_provenance(self) -> dict:
+        if self.cache is None:
+            return {}
+        return {"teacher_logits": str(self.cache.path), "top_k": self.cache.top_k,
+                "validation": f"KL over the teacher's top {self.cache.top_k} tokens plus one bucket for the rest "
+                              "(val_kl), from the cache"}
 
     def _provenance(self, metrics: dict, elapsed: float) -> dict:
         """The `slimlm.json` record: inputs, budget, loss, hyper-parameters, final metrics, versions."""
@@ -560,7 +625,7 @@ class DistillRecipe:
             "steps": self.total_steps,
             "loss": {"mode": c.mode, "kind": self.loss, "temperature": c.temperature, "ce_weight": c.ce_weight,
                      "hidden_loss": self.hidden_loss, "layer_map": [list(p) for p in self.pairs],
-                     "hidden_weight": c.hidden_weight},
+                     "hidden_weight": c.hidden_weight, **self._cache_provenance()},
             "hyperparameters": {
                 "seq_len": c.seq_len, **b.describe(), "distributed": self.accelerator.distributed_type.value,
                 "lr": c.lr, "min_lr": c.min_lr, "warmup_steps": self.warmup_steps, "warmup_requested": c.warmup,
@@ -574,16 +639,28 @@ class DistillRecipe:
         }
 
 
+def model_forward(model, batch, device, metrics: bool = False):
+    """`Distillation` on a batch of windows: token ids [B, L] (a tensor or an array), or `CachedWindows`."""
+    if isinstance(batch, CachedWindows):
+        batch = batch.to(device)
+        return model(batch.ids, metrics=metrics, targets=as_module_inputs(batch.targets))
+    ids = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch.astype("int64"))
+    return model(ids.to(device), metrics=metrics)
+
+
 @torch.no_grad()
 def validation_metrics(accelerator, model, use_teacher: bool, held, micro_batch: int) -> dict:
-    """Held-out forward KL to the teacher (temperature 1) and the student's LM loss, averaged over tokens."""
+    """Held-out forward KL to the teacher (temperature 1) and the student's LM loss, averaged over tokens.
+
+    `held`: windows [n, L] (the KL to the teacher in `model`), or `CachedWindows` (the top-K +
+    rest-bucket KL to the cache's targets).
+    """
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = held[rank::world]
     model.eval()
     sums = torch.zeros(4, device=accelerator.device)
     for i in range(0, len(mine), micro_batch):
-        ids = torch.from_numpy(mine[i:i + micro_batch].astype("int64")).to(accelerator.device)
-        sums += model(ids, metrics=True)
+        sums += model_forward(model, mine[i:i + micro_batch], accelerator.device, metrics=True)
     model.train()
     sums = accelerator.reduce(sums, "sum")
     lm = (sums[1] / sums[3]).item()

@@ -395,7 +395,7 @@ eval: {{ppl: {corpus}, max_tokens: 128, seq_len: 32, speed: false}}
     assert [r["model"] for r in summary["rows"]] == ["teacher", "pruned", "student", "aligned"]
     assert all(r["ppl"] for r in summary["rows"]) and summary["aligned"] == str(out / "aligned")
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == ["correct", "importance", "prune", "distill", "align", "eval", "report"]
+    assert list(stages) == ["correct", "importance", "teacher_logits", "prune", "distill", "align", "eval", "report"]
     assert set(stages["align"]["stages"]) == {"sft", "dpo"}
     assert (out / "aligned" / "chat_template.jinja").read_text() == PLAIN
     assert (out / "pruned" / "README.md").exists() and (out / "student" / "README.md").exists()

@@ -148,8 +148,9 @@ def check_settings(c: DistillConfig) -> tuple[str, str | None]:
                              ("heldout", c.heldout, 0), ("chunk-size", c.chunk_size, 0)):
         if not isinstance(value, int) or value < low:
             raise SlimlmError(f"--{name} must be an integer >= {low}, got {value}")
-    if not (c.lr > 0) or c.min_lr < 0 or c.min_lr > c.lr:
-        raise SlimlmError(f"need 0 <= min-lr <= lr and lr > 0, got lr={c.lr}, min-lr={c.min_lr}")
+    lr, min_lr = c.peak_lr(), c.final_lr()
+    if not (lr > 0) or min_lr < 0 or min_lr > lr:
+        raise SlimlmError(f"need 0 <= min-lr <= lr and lr > 0, got lr={lr}, min-lr={min_lr}")
     if c.warmup < 0 or c.clip <= 0 or c.temperature <= 0 or c.ce_weight < 0 or c.hidden_weight < 0 \
             or c.weight_decay < 0:
         raise SlimlmError("warmup, ce-weight, hidden-weight, weight-decay must be >= 0; clip and temperature > 0")

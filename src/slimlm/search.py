@@ -468,6 +468,55 @@ def _ladder_record(model: str, candidates: list[Candidate], rungs: list[Rung], c
     }
 
 
+def _check_search_folder(out: Path, record: dict, overwrite: bool) -> None:
+    """A search folder is resumable: one holding the same plan continues; one with another plan is
+    refused, or cleared with `overwrite`; a fresh output must be new (or `overwrite`)."""
+    from ._io import check_writable_output
+
+    previous = json.loads((out / LADDER_FILE).read_text()) if (out / LADDER_FILE).exists() else None
+    if previous is not None and previous != json.loads(json.dumps(record, default=str)):
+        if not overwrite:
+            raise SlimlmError(f"{out} holds a search with other settings; choose another folder (or pass overwrite)")
+        for name in ("candidates", "rungs", "winner"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        previous = None
+    if previous is None and not (out / "candidates").is_dir():
+        check_writable_output(out, overwrite=overwrite)
+
+
+def _search_scores(model, teacher, tok, given, scores_path: Path, imp: ImportanceConfig, d: DistillConfig,
+                   depths: list[int], progress: bool):
+    """The importance scores (`given`, or computed into `scores_path`) with the block losses the
+    depth candidates need added."""
+    from . import api
+
+    calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False, offload="none")  # the teacher is in memory to distill
+    sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher, overwrite=True,
+                                                        progress=progress)
+    if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
+        sc.save(scores_path)
+    return sc
+
+
+def run_ladder(teacher, tok, scores, candidates: list[Candidate], rungs: list[Rung], out: Path, *, data,
+               distill: DistillConfig, progress: bool = True) -> list[list[dict]]:
+    """Successive halving: each rung distils its candidates (continuing their runs), ranks them and
+    keeps the best for the next; returns each rung's ranked rows.  Checkpoints of dropped candidates
+    are deleted as they drop out."""
+    alive, per_rung = candidates, []
+    final_steps = rungs[-1].steps
+    for i, rung in enumerate(rungs):
+        rows = run_rung(teacher, tok, scores, alive, rung, final_steps, out, data=data, distill=distill,
+                        progress=progress)
+        kept = rungs[i + 1].candidates if i + 1 < len(rungs) else 1
+        write_rung(out, rung, rows, kept)
+        per_rung.append(rows)
+        survivors = {row["candidate"] for row in rows[:kept]}
+        drop_checkpoints(out, [x.name for x in alive if x.name not in survivors or i + 1 == len(rungs)])
+        alive = [x for x in alive if x.name in survivors]
+    return per_rung
+
+
 def search(
     model: str,
     output: str | Path,
@@ -495,7 +544,7 @@ def search(
     "winner_path", "candidates", "scores", "steps_used", "budget_steps"}.
     """
     from . import api
-    from ._io import check_not_an_input, check_writable_output, probe_writable
+    from ._io import check_not_an_input, probe_writable
     from .adapters import get_adapter
     from .data import check_source
     from .importance import Scores
@@ -523,15 +572,7 @@ def search(
     if d.teacher_logits:
         _check_cache(model, load_tokenizer(model), d, imp, rungs[-1].steps * tokens_per_step)
     record = _ladder_record(model, candidates, rungs, c, d, imp, tokens_per_step, budget_steps)
-    previous = json.loads((out / LADDER_FILE).read_text()) if (out / LADDER_FILE).exists() else None
-    if previous is not None and previous != json.loads(json.dumps(record, default=str)):
-        if not overwrite:
-            raise SlimlmError(f"{out} holds a search with other settings; choose another folder (or pass overwrite)")
-        for name in ("candidates", "rungs", "winner"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        previous = None
-    if previous is None and not (out / "candidates").is_dir():  # a search folder is resumable: a fresh one must be new
-        check_writable_output(out, overwrite=overwrite)
+    _check_search_folder(out, record, overwrite)
     check_source(imp.data, imp.text_field)
     scores_path = Path(scores).expanduser() if scores else out / "scores.safetensors"
     if scores and not scores_path.exists():
@@ -546,12 +587,8 @@ def search(
         atomic_write_json(out / LADDER_FILE, record)
         teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
         tok = load_tokenizer(model)
-        calib = imp.make(imp, seq_len=d.seq_len, depth_loss=False, offload="none")  # the teacher is in memory to distill
-        sc = given if given is not None else api.importance(model, scores_path, calib, loaded=teacher,
-                                                            overwrite=True, progress=progress)
         depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
-        if api.add_block_losses(sc, teacher, tok, depths, calib, progress):
-            sc.save(scores_path)
+        sc = _search_scores(model, teacher, tok, given, scores_path, imp, d, depths, progress)
     except BaseException:
         # Only the plan was written (a computed scores file is kept: the rerun reuses it).
         if created and {p.name for p in out.iterdir()} <= {LADDER_FILE}:
@@ -561,16 +598,7 @@ def search(
         print(f"search: {len(candidates)} candidates, rungs " + ", ".join(
             f"{r.candidates} x {r.steps} steps" for r in rungs) + f"; {ladder_steps(rungs)} of {budget_steps} "
             f"steps ({tokens_per_step:,} tokens each)", flush=True)
-    alive, per_rung = candidates, []
-    final_steps = rungs[-1].steps
-    for i, rung in enumerate(rungs):
-        rows = run_rung(teacher, tok, sc, alive, rung, final_steps, out, data=imp.data, distill=d, progress=progress)
-        kept = rungs[i + 1].candidates if i + 1 < len(rungs) else 1
-        write_rung(out, rung, rows, kept)
-        per_rung.append(rows)
-        survivors = {row["candidate"] for row in rows[:kept]}
-        drop_checkpoints(out, [x.name for x in alive if x.name not in survivors or i + 1 == len(rungs)])
-        alive = [x for x in alive if x.name in survivors]
+    per_rung = run_ladder(teacher, tok, sc, candidates, rungs, out, data=imp.data, distill=d, progress=progress)
     ranking = overall_ranking(per_rung)
     write_ranking(out, ranking)
     winner = keep_winner(out, per_rung[-1][0]["candidate"])

@@ -407,7 +407,7 @@ class TeacherLogitsConfig(Settings):
     heldout: int = setting(16, "Held-out windows (the distillation's --heldout), stored too: validation needs no "
                                "teacher.", min=0, recipe=False)
     top_k: int = setting(64, "Teacher log-probabilities kept per token; the rest of the mass is kept as one "
-                             "bucket.", min=1)
+                             "bucket (64: within 1 % of online distillation in domain, docs/benchmarks.md).", min=1)
     batch_size: int = setting(8, "Windows per teacher forward pass.", min=1)
     chunk_size: int = setting(512, "Tokens per LM-head chunk (at most a few chunk x vocabulary floats at once).",
                               min=1)

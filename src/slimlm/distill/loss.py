@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,34 @@ def _forward_kl_grad_(s, t, p, labels, temperature, scale_kd, scale_ce):
     return q, kl, ce, kl.detach()
 
 
+class HeadGradBuffers(NamedTuple):
+    """What a fused loss's forward accumulates the LM head's gradients into (see `head_grad_buffers`)."""
+
+    acc: torch.dtype  # accumulation dtype (fp32 or wider)
+    grad_h: torch.Tensor | None
+    grad_w: torch.Tensor | None
+    grad_b: torch.Tensor | None
+    low: torch.dtype | None  # the autocast dtype, when autocast is on
+    w_mm: torch.Tensor  # the head weight as the matmuls use it
+
+
+def head_grad_buffers(ctx, hidden, weight, bias) -> HeadGradBuffers:
+    """Zeroed gradient buffers for the inputs that need one, and the head weight for the matmuls.
+
+    Under autocast (bf16 mixed precision on GPUs) the head matmuls run in the autocast dtype, as a
+    plain Linear's forward and backward would; the weight is cast once, not per chunk. In-place
+    addmm_ is not autocast, so the weight gradient is taken as a low-precision product and
+    accumulated in fp32."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+    dev = hidden.device.type
+    low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return HeadGradBuffers(acc, grad_h, grad_w, grad_b, low, weight.to(low) if low is not None else weight)
+
+
 def _accumulate_head_grads(g, h, sl, w_mm, grad_h, grad_w, grad_b, low, acc) -> None:
     """Add one chunk's gradients, from `g` = dloss/dlogits of rows `sl`, to the hidden states, the LM
     head's weight and its bias (the fused losses' backward, computed in their forward).  `low`: the
@@ -257,19 +285,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, plan: _FusedPlan, t_hidden, t_logits, labels):
         kind, temperature, t_head, softcap, chunk = plan.kind, plan.temperature, plan.teacher_head, plan.softcap, plan.chunk
         scale_kd, scale_ce = plan.scale_kd, plan.scale_ce
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        acc, grad_h, grad_w, grad_b, low, w_mm = head_grad_buffers(ctx, hidden, weight, bias)
         sums = torch.zeros(3, dtype=acc, device=hidden.device)
-        # Under autocast (bf16 mixed precision on GPUs) the three head matmuls run in the autocast
-        # dtype, as a plain Linear's forward and backward would; the weight is cast once, not per chunk.
-        # In-place addmm_ is not autocast, so the weight gradient is taken as a low-precision product
-        # and accumulated in fp32.
-        dev = hidden.device.type
-        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        w_mm = weight.to(low) if low is not None else weight
         by_hand = kind == "kl" and not softcap
         if by_hand:  # student logits, teacher logits, scratch: reused by every chunk
             rows = min(chunk, hidden.shape[0])

@@ -207,13 +207,7 @@ class StudentObjective(nn.Module):
         tap = [s for s, _ in self.layer_map] if (self.hidden_loss and not metrics) else []
         router = bool(self.router_weight) and not metrics
         with tap_layers(self.hf_model, tap) as taps:
-            outputs = decoder(self.hf_model)(input_ids=input_ids, use_cache=False,
-                                             **({"output_router_logits": True} if router else {}))
-        hidden = outputs.last_hidden_state
-        labels = next_token_labels(input_ids).reshape(-1)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        if logit_scale(self.hf_model) != 1.0:
-            flat = flat * logit_scale(self.hf_model)
+            outputs, flat, labels = self._run_student(input_ids, router)
         t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         if metrics:  # called under no_grad: the plain chunks keep nothing
             kind = "kl" if t_flat is not None else "none"
@@ -231,16 +225,21 @@ class StudentObjective(nn.Module):
             loss = loss + self.router_weight * router_balance_loss(self.hf_model, outputs.router_logits)
         return {"loss": loss, "kd": out.kd, "ce": out.ce, "kl": out.kl, "hidden": h_loss.detach()}
 
-    def _from_cached_targets(self, input_ids, targets: TeacherTargets, metrics: bool):
-        """The loss (or, with `metrics`, the validation sums) against a teacher-logits cache's targets."""
-        router = bool(self.router_weight) and not metrics
+    def _run_student(self, input_ids, router: bool):
+        """The student's decoder on `input_ids`: (its outputs, the final hidden states flattened to
+        [tokens, hidden] and scaled as the family scales its logits, the next-token labels)."""
         outputs = decoder(self.hf_model)(input_ids=input_ids, use_cache=False,
                                          **({"output_router_logits": True} if router else {}))
         hidden = outputs.last_hidden_state
-        labels = next_token_labels(input_ids).reshape(-1)
         flat = hidden.reshape(-1, hidden.shape[-1])
         if logit_scale(self.hf_model) != 1.0:
             flat = flat * logit_scale(self.hf_model)
+        return outputs, flat, next_token_labels(input_ids).reshape(-1)
+
+    def _from_cached_targets(self, input_ids, targets: TeacherTargets, metrics: bool):
+        """The loss (or, with `metrics`, the validation sums) against a teacher-logits cache's targets."""
+        router = bool(self.router_weight) and not metrics
+        outputs, flat, labels = self._run_student(input_ids, router)
         if metrics:  # the top-K + bucket KL of every token and the LM loss, as sums
             out = PlainTopKLoss(self.chunk_size, ce_weight=1.0)(flat, lm_head(self.hf_model), targets, labels=labels)
             return torch.stack([out.kl * out.n_tokens, out.ce * out.n_labels,

@@ -37,7 +37,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .loss import (IGNORE_INDEX, Head, LinearHead, LossOutput, _accumulate_head_grads, _logits_into, as_head,
-                   scaled_saved_grads)
+                   head_grad_buffers, scaled_saved_grads)
 
 
 @dataclass
@@ -161,15 +161,8 @@ class _FusedTopKLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, cfg, topk_ids, topk_logprobs, rest_logmass, labels):
         chunk, softcap, scale_kd, scale_ce = cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        acc, grad_h, grad_w, grad_b, low, w_mm = head_grad_buffers(ctx, hidden, weight, bias)
         sums = torch.zeros(2, dtype=acc, device=hidden.device)
-        dev = hidden.device.type
-        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        w_mm = weight.to(low) if low is not None else weight
         rows = min(chunk, hidden.shape[0])
         bufs = [torch.empty(rows, weight.shape[0], dtype=acc, device=hidden.device) for _ in range(3 if softcap else 2)]
         for start in range(0, hidden.shape[0], chunk):

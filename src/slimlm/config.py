@@ -281,9 +281,9 @@ class PruneConfig(Settings):
 
 
 #: The default peak learning rate by distillation budget (tokens): (budget, LR) points, log-linear
-#: in between and constant beyond the ends.  3e-4 recovered best at CPU-sized budgets (bench/lr.py,
-#: docs/benchmarks.md); 1e-4 is the paper's, for its ~94B tokens.  Between 1M and 1B tokens the
-#: values are interpolated, not measured.
+#: in between and constant beyond the ends.  3e-4 was the one value within 7 % of the best at every
+#: CPU-sized budget measured (32K-131K tokens; bench/lr.py, docs/benchmarks.md); 1e-4 is the paper's,
+#: for its ~94B tokens.  Between 1M and 1B tokens the values are interpolated, not measured.
 LR_BY_BUDGET = ((1_000_000, 3e-4), (1_000_000_000, 1e-4))
 
 

@@ -57,6 +57,15 @@ def probe_writable(path: str | os.PathLike, what: str = "output", inside: bool =
         raise SlimlmError(f"cannot write the {what} {path}: {exc.strerror or exc} ({where})") from None
 
 
+def can_write_into(folder: str | os.PathLike) -> bool:
+    """Whether files can be created in the existing folder `folder` (`probe_writable`'s probe, as a yes/no)."""
+    try:
+        probe_writable(folder, inside=True)
+    except SlimlmError:
+        return False
+    return True
+
+
 def _inputs_clash(out: Path, inputs: Iterable) -> str | None:
     """Why writing `out` would destroy one of `inputs` (local paths; others are skipped), or None."""
     target = out.resolve()

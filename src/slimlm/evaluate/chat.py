@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, can_write_into
 from ..chat import read_prompts, template_text
 from ..errors import SlimlmError
 
@@ -79,7 +79,7 @@ def answers_path(results: list[dict], output: str | os.PathLike | None) -> Path:
         p = Path(output).expanduser()
         return p if p.suffix == ".jsonl" else p / ANSWERS_FILE
     first = results[0].get("path") if results else None
-    if first and Path(first).is_dir() and os.access(first, os.W_OK):
+    if first and Path(first).is_dir() and can_write_into(first):
         return Path(first) / ANSWERS_FILE
     return Path.cwd() / ANSWERS_FILE
 

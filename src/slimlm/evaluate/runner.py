@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from .._io import atomic_write_json
+from .._io import atomic_write_json, can_write_into
 from ..config import EvalConfig
 from ..errors import SlimlmError
 from .ppl import check_perplexity_args, perplexity
@@ -169,11 +169,11 @@ def save_results(result: dict, folder: str | os.PathLike) -> str | None:
     changed since (a new training run into the same folder); tasks merge one by one.
     """
     folder = Path(folder)
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    if not folder.is_dir() or not can_write_into(folder):
         return None
     try:
         return _merge_results(result, folder)
-    except OSError as exc:  # a read-only folder (os.access says yes to root everywhere): results stay in memory
+    except OSError as exc:  # the disk filled or the folder changed meanwhile: results stay in memory
         print(f"warning: results not saved in {folder}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         return None
 

@@ -9,13 +9,12 @@ user names with ``task_data``), plus task YAMLs in any folder the user adds
 from __future__ import annotations
 
 import json
-import logging
 import os
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+from .._logging import quiet_logger
 from ..errors import SlimlmError
 from .local_data import READERS, read_local
 
@@ -111,19 +110,6 @@ def check_tasks(tasks: Sequence[str], task_data: dict[str, str] | None = None, i
     return tm
 
 
-@contextmanager
-def _quiet_lm_eval():
-    # lm-eval logs every step at INFO/WARNING (e.g. that a model object was passed);
-    # slimlm prints its own summary.
-    logger = logging.getLogger("lm_eval")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
 def _metrics(entry: dict) -> dict:
     """lm-eval's ``{"acc,none": x, "alias": ...}`` -> ``{"acc": x}`` (other filters keep their suffix)."""
     out = {}
@@ -162,7 +148,8 @@ def run_tasks(
     data = parse_task_data(task_data)
     tm = check_tasks(tasks, data, include_path)
     try:
-        with _quiet_lm_eval():
+        # lm-eval logs every step at INFO/WARNING (e.g. that a model object was passed).
+        with quiet_logger("lm_eval"):
             out = lm_eval.simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                 tasks=tasks,

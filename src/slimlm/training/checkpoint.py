@@ -33,7 +33,6 @@ process and DDP the Trainer reads them with safetensors and ``torch.load(weights
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -41,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._io import atomic_write_json, atomic_write_text
+from .._logging import quiet_logger
 from ..errors import SlimlmError
 
 STATE_FILE = "trainer_state.json"
@@ -78,7 +78,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
 
         # DeepSpeed would also store its partitions of the frozen teacher; the teacher is an input, not state.
         extra = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        with _quiet("accelerate.utils.other"):
+        # Accelerate warns on every save that a tied LM head is stored once (expected).
+        with quiet_logger("accelerate.utils.other"):
             accelerator.save_state(str(tmp), **extra)  # no custom objects are registered: no pickled ones written
     elif main:  # one process or DDP: every process holds the same weights and optimizer state
         _save_model(accelerator.unwrap_model(model), tmp)
@@ -208,18 +209,6 @@ def _load_rng(folder: Path, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-@contextmanager
-def _quiet(name: str):
-    """Silence one logger: Accelerate warns on every save that a tied LM head is stored once (expected)."""
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 # ---- the Hugging Face Trainer's checkpoints --------------------------------------------------------

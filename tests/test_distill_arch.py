@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_model, tiny_tokenizer
 from slimlm.adapters import get_adapter
@@ -25,22 +25,18 @@ SEQ = 32
     ("nemotron_h", dict(experts=4, mamba_heads=4, drop_layers="3")),
 ])
 def test_distill_a_pruned_moe_or_hybrid_student(family, targets, tmp_path, text_file):
-    teacher = tiny_model(family)
-    shape = get_adapter(teacher).shape()
-    student = prune_model(teacher, make_plan(random_scores(shape, seed=1), shape, PruneConfig(**targets)))
-    for model, name in ((teacher, "teacher"), (student, "student")):
-        model.save_pretrained(tmp_path / name)
-        tiny_tokenizer().save_pretrained(tmp_path / name)
-    assert not student.config.output_router_logits  # no router auxiliary loss: logits only
+    teacher, student = _teacher_and_student(family, targets, tmp_path)
+    student_config = AutoConfig.from_pretrained(student)
+    assert not student_config.output_router_logits  # no router auxiliary loss: logits only
     out = tmp_path / "out"
-    result = distill(str(tmp_path / "teacher"), str(tmp_path / "student"), str(text_file), out, tokens=4 * 2 * SEQ,
+    result = distill(teacher, student, str(text_file), out, tokens=4 * 2 * SEQ,
                      seq_len=SEQ, micro_batch=2, lr=1e-3, warmup=0, eval_every=4, heldout=2, progress=False,
                      tensorboard=False)
     assert result.complete and result.steps == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["event"] == "train")
     again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert get_adapter(again).shape() == get_adapter(student).shape()
+    assert get_adapter(again).shape() == get_adapter(student_config).shape()
     ids = torch.randint(3, 96, (1, 6))
     assert again.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 9)
 

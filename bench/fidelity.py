@@ -30,9 +30,10 @@ are not counted, as in `slimlm.search`.
   new: `slimlm.search.search` with the defaults of SearchConfig (caps 55 % width / 40 % depth,
     up to 27 candidates as a spread, reduction 3).  81 steps -> rungs of n x 1, 9 x 3, 3 x 9
     steps (each rung an equal third of the budget; the three finalists end at 13 steps); 81 is
-    the fewest steps that give 27 candidates a step in rung 0.  At this target only n = 25
-    shapes qualify (hidden on the 64-grid and divisible by 6 or 9 query heads leaves hidden
-    384 and 576; the hand-picked hidden 432 is off that grid), so 79 of the 81 steps are spent.
+    the fewest steps that give 27 candidates a step in rung 0.  At this target 106 shapes
+    qualify (the hidden grid steps by 72 for SmolLM2's 6 or 9 query heads, so hidden 288, 360,
+    432, 504 and 576 are all loadable; `search._hidden_grid`) and the search takes a spread of
+    27 of them: all 81 steps are spent.
   old: what `slimlm search` did before successive halving, built from the same pieces
     (`enumerate_candidates`, `plan_ladder`, `run_rung`): the 8 shapes closest to the target
     under caps 40 % width / 20 % depth (closest first, as the former code chose; not a spread),

@@ -44,6 +44,35 @@ def test_candidates_are_within_tolerance_and_counted_exactly():
         enumerate_candidates(adapter, target_params=int(total * 0.2), max_width_prune=0.4, max_depth_prune=0.2)
 
 
+def test_the_hidden_grid_follows_the_head_counts():
+    """SmolLM2's shape (9 query heads, 3 KV heads): multiples of 64 leave only hidden 384 and 576
+    loadable (divisible by 6 or 9 heads); the grid steps by 72 for those head counts instead,
+    so hidden 432 (the fidelity study's hand-picked shape) is a candidate."""
+    from slimlm.config import SearchConfig
+    from slimlm.search import axis_grids
+
+    smollm2 = get_adapter(tiny_config("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                      num_key_value_heads=3, head_dim=64, num_hidden_layers=30, vocab_size=49152))
+    config = SearchConfig(target_params=67_000_000)
+    grids = axis_grids(smollm2, config, active=False)
+    assert grids["heads"] == [6, 9]
+    assert grids["hidden"] == [288, 360, 432, 504, 576]
+    shapes = {(c.shape.layers, c.shape.hidden, c.shape.heads, c.shape.ffn)
+              for c in enumerate_candidates(smollm2, config, max_candidates=None)}
+    assert (30, 432, 6, 768) in shapes
+    assert all(h % heads == 0 and h % 8 == 0 for _, h, heads, _ in shapes)
+    # A step that already fits the heads is unchanged: 32 heads, step 64.
+    llama = get_adapter(tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                    num_key_value_heads=8, head_dim=128, num_hidden_layers=4, vocab_size=1000))
+    grid = axis_grids(llama, SearchConfig(target_params=10**8, prune_heads=False), active=False)["hidden"]
+    assert grid == list(range(1856, 4097, 64))
+    # Families that do not need the division keep the plain step.
+    qwen3 = get_adapter(tiny_config("qwen3", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                    num_key_value_heads=3, head_dim=64, num_hidden_layers=4, vocab_size=1000))
+    assert not qwen3.hidden_divisible_by_heads
+    assert axis_grids(qwen3, config, active=False)["hidden"] == [320, 384, 448, 512, 576]
+
+
 def test_wider_default_caps_and_a_spread_of_candidates():
     adapter = _adapter()
     s = adapter.shape()

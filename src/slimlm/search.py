@@ -100,6 +100,21 @@ def _grid(low: float, high: int, step: int) -> list[int]:
     return values
 
 
+def _hidden_grid(adapter: Adapter, low: float, high: int, step: int, heads: list[int]) -> list[int]:
+    """Hidden sizes on multiples of `step`, or, where a family needs the hidden size divisible by
+    the query heads, on each head count's own step: the smallest multiple of lcm(heads,
+    gcd(step, 8)) that is at least `step` (SmolLM2's 9 or 6 heads with step 64: every 72, so
+    hidden 432 is on the grid, where multiples of 64 leave only 384 and 576 loadable).  A step
+    that already divides evenly is unchanged (32 heads, step 64: every 64)."""
+    if not adapter.hidden_divisible_by_heads or not any(heads):
+        return _grid(low, high, step)
+    values = set()
+    for h in heads:
+        unit = math.lcm(h, math.gcd(step, 8))
+        values.update(_grid(low, high, math.ceil(step / unit) * unit))
+    return sorted(values)
+
+
 def _expert_grid(s: Shape, low: float, step: int | None) -> list[int]:
     """Expert counts down to `low` x the experts: multiples of the routing groups, never below top-k."""
     groups = max(s.expert_groups, 1)
@@ -113,7 +128,8 @@ def axis_grids(adapter: Adapter, config: SearchConfig, active: bool) -> dict[str
     """The values each width axis may take (one value: the axis is not searched).
 
     Hidden and MLP-type sizes on multiples of `hidden_step` / `ffn_step` (the expert and
-    shared-expert sizes too), query heads on multiples of the KV heads, Mamba heads on multiples
+    shared-expert sizes too; the hidden step made to fit each head count where the family needs
+    the hidden size divisible by the heads, `_hidden_grid`), query heads on multiples of the KV heads, Mamba heads on multiples
     of the Mamba groups (every group keeps the same number), experts on multiples of
     `expert_step`; each down to (1 - max_width_prune) of the original.  The expert count is
     searched only against a total target: with an active target it changes no active parameter,
@@ -125,12 +141,12 @@ def axis_grids(adapter: Adapter, config: SearchConfig, active: bool) -> dict[str
     low = 1.0 - c.max_width_prune
     axes = model_axes(s)
     grids = {a: [getattr(s, a)] for a in WIDTH_AXES}
-    grids["hidden"] = _grid(s.hidden * low, s.hidden, c.hidden_step)
     for a in ("ffn", "moe_ffn", "shared_ffn"):
         if a in axes:
             grids[a] = _grid(getattr(s, a) * low, getattr(s, a), c.ffn_step)
     if "heads" in axes and c.prune_heads:
         grids["heads"] = [h for h in range(s.kv_heads, s.heads + 1, s.kv_heads) if h >= s.heads * low]
+    grids["hidden"] = _hidden_grid(adapter, s.hidden * low, s.hidden, c.hidden_step, grids["heads"])
     if "experts" in axes and not active:
         grids["experts"] = _expert_grid(s, low, c.expert_step)
     if "mamba_heads" in axes:

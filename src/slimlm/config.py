@@ -435,7 +435,8 @@ class SearchConfig(Settings):
     prune_heads: bool = setting(
         True, "Also try fewer attention heads (--keep-heads: never prune heads, the paper's choice).",
         flag="--prune-heads/--keep-heads")
-    hidden_step: int = setting(64, "Grid step of the hidden size.", min=1)
+    hidden_step: int = setting(64, "Grid step of the hidden size (for families that need the hidden size divisible by the "
+                                       "query heads, the smallest step of at least this that fits each head count).", min=1)
     ffn_step: int = setting(128, "Grid step of the MLP sizes (dense, expert and shared-expert).", min=1)
     expert_step: Optional[int] = setting(
         None, "Grid step of the expert count (default: experts / 16, at least 1, a multiple of the routing groups).",

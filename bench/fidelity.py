@@ -19,13 +19,14 @@ Groups (METHOD §7):
   4 logit distillation vs LM-loss training from the same pruned start, vs random init + distillation;
   5 corrected vs original teacher, distilling on Shakespeare (far from the teacher's data);
   6 the search's winner vs hand-picked shapes, at equal search compute: the winner of today's
-    search (successive halving) and the winner of the former search's settings, each pruned
-    afresh and given the same final distillation as every row, against the hand-picked shapes.
+    search (successive halving) and the winners of the former search's settings (on the former
+    hidden grid, and on today's), each pruned afresh and given the same final distillation as
+    every row, against the hand-picked shapes.
 
-Group 6's compute accounting.  Both searches get the same --search-budget of distillation
+Group 6's compute accounting.  Each search gets the same --search-budget of distillation
 tokens (default 81 optimizer steps of 4 windows x --seq-len tokens: 82,944 tokens in the full
 study, 20,736 with --quick); validation (the same held-out windows for every candidate, no
-backward) and the importance pass with its contiguous-block losses (shared by both searches)
+backward) and the importance pass with its contiguous-block losses (shared by the searches)
 are not counted, as in `slimlm.search`.
   new: `slimlm.search.search` with the defaults of SearchConfig (caps 55 % width / 40 % depth,
     up to 27 candidates as a spread, reduction 3).  81 steps -> rungs of n x 1, 9 x 3, 3 x 9
@@ -38,16 +39,19 @@ are not counted, as in `slimlm.search`.
     (`enumerate_candidates`, `plan_ladder`, `run_rung`): the 8 shapes closest to the target
     under caps 40 % width / 20 % depth (closest first, as the former code chose; not a spread),
     one rung (plan_ladder with reduction 8) of 81 // 8 = 10 steps each (80 steps), ranked once
-    by validation KL.
-The two searches together (166K tokens in the full study) cost about what one default search
-of the former code did (8 candidates x 20,000 tokens = 160,000).  The former group 6 spent
+    by validation KL, on the former hidden grid (multiples of 64: only 384 and 576 load with 6
+    or 9 heads; `former_hidden_grid`).
+  old on today's grid: the same, with today's hidden grid (hidden 360, 432, 504, 576 at these
+    caps), to separate what the grid gives from what the ladder and the wider caps give.
+The new search and one old one together (166K tokens in the full study) cost about what one
+default search of the former code did (8 candidates x 20,000 tokens = 160,000).  The former group 6 spent
 16,384 tokens (4 candidates x 4,096); that cannot give 27 candidates one step each at this
-batch (81 steps x 1,024 tokens is the least), hence the larger budget.  Candidates of both
+batch (81 steps x 1,024 tokens is the least), hence the larger budget.  Candidates of all
 searches distill with 4 windows per step (the search's default batch), the study's LR schedule
 (1e-4 -> 1e-5; the warm-up of 4 steps is clamped to 10 % of each candidate's run: 1 step)
 and 4 held-out windows.
 Rows are cached in OUT/rows.jsonl: an interrupted run resumes where it stopped (group 6's
-searches too: OUT/search-new, OUT/search-old), and a row cached
+searches too: OUT/search-new, OUT/search-old, OUT/search-old-new-grid), and a row cached
 with fewer HellaSwag items than asked is topped up (HellaSwag re-run on the same model).
 Writes OUT/fidelity.md (tables) and OUT/*.png (plots), and (full study) puts the same tables
 into docs/benchmarks.md between its fidelity markers and the plot into docs/img/; the
@@ -59,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,7 +92,8 @@ GROUP6 = "6 search vs hand-picked (equal search compute)"
 RETIRED_GROUPS = ("6 search vs hand-picked",)  # 4 closest candidates x 4,096 tokens, caps 45 % / 20 %
 #: group 6's two searches: (folder under OUT, row label)
 SEARCHES = (("search-new", "search (new: successive halving, caps 55 %/40 %, up to 27 candidates)"),
-            ("search-old", "search (old settings: 8 candidates, caps 40 % width / 20 % depth, one rung)"))
+            ("search-old", "search (old settings: 8 candidates, caps 40 % width / 20 % depth, one rung)"),
+            ("search-old-new-grid", "search (old settings on today's hidden grid)"))
 #: optimizer steps of each search: the fewest that give the new search's 27 candidates one step in rung 0
 SEARCH_STEPS = 81
 SEARCH_BATCH = 4  # windows per step of a search candidate (the search's default)
@@ -396,8 +402,22 @@ def search_settings(st: Study) -> tuple[SearchConfig, DistillConfig, ImportanceC
     return config.checked(), distill_config.checked(), importance.checked()
 
 
+@contextmanager
+def former_hidden_grid():
+    """The former search's hidden grid: plain multiples of hidden_step (64), whatever the heads
+    (for SmolLM2 only 384 and 576 of them load), instead of today's per-head-count step."""
+    from slimlm import search as search_module
+
+    today = search_module._hidden_grid
+    search_module._hidden_grid = lambda adapter, low, high, step, heads: search_module._grid(low, high, step)
+    try:
+        yield
+    finally:
+        search_module._hidden_grid = today
+
+
 def old_search(st: Study, config: SearchConfig, distill_config: DistillConfig, importance: ImportanceConfig,
-               scores_path: Path) -> list[dict]:
+               scores_path: Path, which: int) -> list[dict]:
     """What `slimlm search` did before successive halving, built from today's pieces.
 
     The former code took the 8 shapes closest to the target under caps of 40 % width and 20 %
@@ -405,6 +425,8 @@ def old_search(st: Study, config: SearchConfig, distill_config: DistillConfig, i
     ranked them once by validation KL.  Here: the same shapes, one rung of `plan_ladder` with a
     reduction of 8 (every candidate gets budget // 8 steps, then the best is the winner), each
     candidate trained and validated by `run_rung` exactly as a rung of the new search.
+    `which` 1: on the former hidden grid (multiples of 64), as the former code searched;
+    2: the same settings on today's hidden grid (to tell the grid's part from the ladder's).
     Returns the ranking, best first; a finished candidate is not redone.
     """
     import shutil
@@ -413,9 +435,11 @@ def old_search(st: Study, config: SearchConfig, distill_config: DistillConfig, i
     from slimlm.search import (LADDER_FILE, drop_checkpoints, enumerate_candidates, ladder_steps, plan_ladder,
                                run_rung, write_ranking, write_rung)
 
-    out = st.out / SEARCHES[1][0]
+    folder, label = SEARCHES[which]
+    out = st.out / folder
     c = SearchConfig.make(config, max_width_prune=0.4, max_depth_prune=0.2, max_candidates=None)
-    candidates = enumerate_candidates(st.adapter, c)[:8]
+    with former_hidden_grid() if which == 1 else nullcontext():
+        candidates = enumerate_candidates(st.adapter, c)[:8]
     tokens_per_step = distill_config.global_batch * distill_config.seq_len
     budget_steps = c.search_budget // tokens_per_step
     rungs = plan_ladder(len(candidates), budget_steps, reduction=len(candidates))
@@ -432,7 +456,7 @@ def old_search(st: Study, config: SearchConfig, distill_config: DistillConfig, i
     if api.add_block_losses(sc, st.teacher, st.tok, [st.shape.layers - x.shape.layers for x in candidates],
                             importance, progress=False):
         sc.save(scores_path)
-    print(f"{SEARCHES[1][1]}: {len(candidates)} candidates x {rungs[0].steps} steps "
+    print(f"{label}: {len(candidates)} candidates x {rungs[0].steps} steps "
           f"({rungs[0].steps * tokens_per_step:,} tokens each)", flush=True)
     rows = run_rung(st.teacher, st.tok, sc, candidates, rungs[0], rungs[0].steps, out, data=importance.data,
                     distill=distill_config, progress=False)
@@ -454,10 +478,11 @@ def search_vs_hand(st: Study) -> None:
     print(f"{SEARCHES[0][1]}: search_budget {config.search_budget:,} tokens", flush=True)
     new = search("smollm2-135m", st.out / SEARCHES[0][0], config, distill_config, importance, scores=scores_path,
                  loaded=st.teacher, progress=False, overwrite=True)
-    old = old_search(st, config, distill_config, importance, scores_path)
+    winners = [new["winner"]] + [old_search(st, config, distill_config, importance, scores_path, which)[0]
+                                 for which in (1, 2)]
     # the searches added contiguous-block losses (depth candidates) to the saved scores: prune with those
     st._scores[("activation", "mean,l2")] = Scores.load(scores_path)
-    for (folder, label), best in zip(SEARCHES, (new["winner"], old[0])):
+    for (folder, label), best in zip(SEARCHES, winners):
         st.row(GROUP6, f"{label}: winner {best['candidate']}",
                lambda best=best: st.pruned(prune_targets(best, st.shape)), saved=f"{folder}-winner")
     st.row(GROUP6, "hand: hidden 384, ffn 1024, heads 6 (= row 1)", lambda: st.pruned(PruneConfig(**WIDTH)),
@@ -525,7 +550,7 @@ def write_tables(st: Study) -> None:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['wikitext_ppl']:.2f} | {hs} | "
                      f"{r['val_kl']:.4f} |{sh} {r['wall_s']:.0f} ({r.get('threads', 1)}) |")
     if any(r["group"] == GROUP6 for r in st.rows.values()):
-        lines += ["", "Group 6: both searches get the same budget of distillation tokens (validation not counted); "
+        lines += ["", "Group 6: every search gets the same budget of distillation tokens (validation not counted); "
                       "each winner is then pruned afresh from the teacher and distilled like every row. The searches' "
                       "budgets, ladders and rung rankings:"]
     lines += search_tables(st)

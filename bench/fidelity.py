@@ -3,7 +3,7 @@
     python bench/fidelity.py            # the full study: about 4.5 hours on 2 quiet CPU cores (estimate)
     python bench/fidelity.py --hellaswag-items 100   # the same with HellaSwag on 100 items: about 2 hours
     python bench/fidelity.py --quick    # the same rows with tiny budgets: about 20 minutes from scratch on 2 cores
-    python bench/fidelity.py --groups 6 # only group 6 (and the teacher row): about 1.5 hours (estimate); the
+    python bench/fidelity.py --groups 6 # only group 6 (and the teacher row): about an hour (2026-12-02); the
                                         # other groups' cached rows stay; docs untouched unless --docs is given
 
 Every row is a student of about half the teacher's parameters (or the teacher), with

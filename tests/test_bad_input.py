@@ -168,6 +168,21 @@ CASES = [
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{IN}", "--overwrite", "--data", "{IN}/corpus.txt"], "holds the input"),
     (["distill", "-t", "{M}", "-s", "{M}", "-o", "{OUT}", "--seq-len", "4096"], "max_position_embeddings"),
     (["distill", "-t", "{M}", "-s", "{IN}/bad-generation-config", "-o", "{OUT}"], "generation_config.json is not valid JSON"),
+    # teacher-logits, and the commands that read its cache
+    (["teacher-logits", "{M}", "-o", "{OUT}", "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
+    (["teacher-logits", "{IN}/truncated", "-o", "{OUT}"], "not a readable safetensors file"),
+    (["teacher-logits", "{IN}/unknown-type", "-o", "{OUT}"], "unknown model type 'frobnet'"),
+    (["teacher-logits", "{M}", "-o", "{IN}", "--overwrite"], "holds the input"),
+    (["teacher-logits", "{M}", "-o", "{W}", "--overwrite", "--data", "{W}/existing.txt"], "holds the input"),
+    (["teacher-logits", "{M}", "-o", "{W}/existing"], "already exists"),
+    (["teacher-logits", "{M}", "-o", "{W}/existing.txt", "--overwrite"], "is a file, and this command writes a folder"),
+    (["teacher-logits", "{M}", "-o", "/proc/slimlm/logits"], "cannot write the output"),
+    (["teacher-logits", "{M}", "-o", "{OUT}", "--top-k", "100000"], "larger than the teacher's vocabulary"),
+    (["teacher-logits", "{M}", "-o", "{OUT}", "--top-k", "0"], "--top-k must be at least 1"),
+    (["teacher-logits", "{M}", "-o", "{OUT}", "--seq-len", "4096"], "max_position_embeddings"),
+    (["distill", "-s", "{M}", "-o", "{OUT}", "--teacher-logits", "{W}/existing"], "is not a teacher-logits cache"),
+    (["distill", "-s", "{M}", "-o", "{OUT}", "--teacher-logits", "{IN}/nope"], "nope"),
+    (["search", "{M}", "-o", "{OUT}", *SEARCH, "--teacher-logits", "{W}/existing"], "is not a teacher-logits cache"),
     # correct-teacher
     (["correct-teacher", "{IN}/truncated", "-o", "{OUT}", "--data", "{IN}/corpus.txt"], "not a readable safetensors file"),
     (["correct-teacher", "{M}", "-o", "{OUT}", "--data", "{IN}/garbage.txt"], "not UTF-8 text"),
@@ -260,6 +275,6 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path, capsy
 
 def test_the_table_covers_every_command():
     commands = {args[0] for args, _ in CASES}
-    assert {"info", "importance", "prune", "search", "distill", "correct-teacher", "eval", "report", "align", "card",
-            "push", "run"} <= commands
+    assert {"info", "importance", "prune", "search", "distill", "teacher-logits", "correct-teacher", "eval", "report",
+            "align", "card", "push", "run"} <= commands
     assert len(CASES) >= 45

@@ -501,8 +501,9 @@ def write_cache(
     if manifest is not None and manifest["key"] != key:
         raise SlimlmError(f"{out} holds teacher logits for another {', '.join(_differences(manifest['key'], key))}; "
                           "choose another folder, or --overwrite to replace it")
-    if manifest is None:
-        check_writable_output(out, overwrite=overwrite)
+    if manifest is None:  # what replacing `out` would delete must not be one of the inputs
+        check_writable_output(out, overwrite=overwrite,
+                              inputs=(spec, *(name for name, _ in sources), c.eval_data, c.token_cache))
     token_cache = Path(c.token_cache).expanduser() if c.token_cache else default_token_cache()
 
     # -- work ---------------------------------------------------------------------------------------

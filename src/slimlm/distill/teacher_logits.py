@@ -468,15 +468,74 @@ def write_cache(
     `loaded` is the teacher already in memory (`teacher` still names it, for the key).  Returns
     {"output", "windows", "new_windows", "tokens", "top_k", "bytes", "bytes_per_token", "seconds"}.
     """
-    from ..data import check_source
-    from ..models import load_config, load_model, load_tokenizer, pick_dtype
-    from .data import build_training_data, parse_sources, tokenizer_fingerprint
-    from .tokens import default_token_cache
+    from ..models import load_model
+    from .data import build_training_data
+    from .tokens import _lock, default_token_cache
 
     c = TeacherLogitsConfig.make(config, **overrides)
+    r = _check_request(teacher, output, c, overwrite=overwrite, replace=replace)
+    out = r.out
+    token_cache = Path(c.token_cache).expanduser() if c.token_cache else default_token_cache()
+
+    if r.manifest is None and out.exists():  # start afresh: what was there goes (checked above)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with _lock(out / ".lock"):
+        manifest = read_manifest(out) or _new_manifest(r.key, r.sources, c, r.vocab, r.spec)
+        data, _ = build_training_data(r.sources, r.tok, c.seq_len, r.need, c.heldout, c.seed, eval_source=c.eval_data,
+                                      text_field=c.text_field, cache=token_cache, progress=progress)
+        rows = _source_rows(data, r.sources, r.tok, c, token_cache, r.need)
+        for entry, (_, _, exhausted) in zip(manifest["sources"], rows):
+            entry["exhausted_windows"] = exhausted
+        todo = [(i, src, manifest["sources"][i]["windows"], end) for i, (src, end, _) in enumerate(rows)
+                if end > manifest["sources"][i]["windows"]]
+        manifest["stream"] = {"tokens": c.tokens, "global_batch": r.global_batch, "need": r.need, "heldout": c.heldout}
+        atomic_write_json(out / "manifest.json", manifest)
+        new = sum(end - start for _, _, start, end in todo)
+        if new:
+            model = loaded if loaded is not None else load_model(r.spec, dtype=r.dtype)
+            if loaded is None and torch.cuda.is_available():
+                model.to("cuda")
+            _compute(model, out, manifest, todo, c, r.vocab, progress)
+    seconds = time.perf_counter() - t0
+    windows = sum(s["windows"] for s in manifest["sources"])
+    per_window = window_bytes(c.seq_len, c.top_k, r.vocab)
+    summary = {"output": str(out), "windows": windows, "new_windows": new, "tokens": windows * c.seq_len,
+               "top_k": c.top_k, "bytes": windows * per_window, "bytes_per_token": per_window / c.seq_len,
+               "seconds": seconds}
+    if progress:
+        print(f"teacher logits: {windows:,} windows ({windows * c.seq_len:,} tokens, {new:,} windows new) in {out}; "
+              f"top-{c.top_k}, {per_window / c.seq_len:.1f} bytes per token, {_size(windows * per_window)}",
+              file=sys.stderr, flush=True)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `write_cache` was asked for, checked: the teacher, its data, the key, and the cache
+    to continue (`manifest`; None: `out` is written afresh, and replacing it was checked safe)."""
+
+    spec: str
+    vocab: int
+    sources: list
+    tok: object
+    dtype: torch.dtype
+    global_batch: int
+    need: int
+    key: dict
+    out: Path
+    manifest: dict | None
+
+
+def _check_request(teacher, output, c: TeacherLogitsConfig, *, overwrite: bool, replace: bool) -> _Request:
+    """Every check of `write_cache` before any work or output (see its doc for overwrite/replace)."""
+    from ..data import check_source
+    from ..models import load_config, load_tokenizer, pick_dtype
+    from .data import parse_sources, tokenizer_fingerprint
+
     spec = str(teacher)
-    # -- every check before any work or output ----------------------------------------------------
-    t_cfg = load_config(spec)  # also when `loaded`: the key must not depend on how the teacher was loaded
+    t_cfg = load_config(spec)  # also when the teacher is loaded: the key must not depend on how
     vocab = int(t_cfg.vocab_size)
     if c.top_k > vocab:
         raise SlimlmError(f"--top-k {c.top_k} is larger than the teacher's vocabulary ({vocab})")
@@ -491,7 +550,6 @@ def write_cache(
     tok = load_tokenizer(spec)
     dtype = pick_dtype(c.dtype)
     global_batch = c.global_batch or DistillConfig().micro_batch
-    need = _training_windows(c.tokens, global_batch, c.seq_len)
     key = cache_key(teacher_fingerprint(spec, t_cfg, dtype), tokenizer_fingerprint(tok), sources, c.eval_data,
                     c.text_field, c.seed, c.seq_len, c.top_k)
     out = Path(output).expanduser()
@@ -504,43 +562,8 @@ def write_cache(
     if manifest is None:  # what replacing `out` would delete must not be one of the inputs
         check_writable_output(out, overwrite=overwrite,
                               inputs=(spec, *(name for name, _ in sources), c.eval_data, c.token_cache))
-    token_cache = Path(c.token_cache).expanduser() if c.token_cache else default_token_cache()
-
-    # -- work ---------------------------------------------------------------------------------------
-    if manifest is None and out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    from .tokens import _lock
-
-    t0 = time.perf_counter()
-    with _lock(out / ".lock"):
-        manifest = read_manifest(out) or _new_manifest(key, sources, c, vocab, spec)
-        data, _ = build_training_data(sources, tok, c.seq_len, need, c.heldout, c.seed, eval_source=c.eval_data,
-                                      text_field=c.text_field, cache=token_cache, progress=progress)
-        rows = _source_rows(data, sources, tok, c, token_cache, need)
-        for entry, (_, _, exhausted) in zip(manifest["sources"], rows):
-            entry["exhausted_windows"] = exhausted
-        todo = [(i, src, manifest["sources"][i]["windows"], end) for i, (src, end, _) in enumerate(rows)
-                if end > manifest["sources"][i]["windows"]]
-        manifest["stream"] = {"tokens": c.tokens, "global_batch": global_batch, "need": need, "heldout": c.heldout}
-        atomic_write_json(out / "manifest.json", manifest)
-        new = sum(end - start for _, _, start, end in todo)
-        if new:
-            model = loaded if loaded is not None else load_model(spec, dtype=dtype)
-            if loaded is None and torch.cuda.is_available():
-                model.to("cuda")
-            _compute(model, out, manifest, todo, c, vocab, progress)
-    seconds = time.perf_counter() - t0
-    windows = sum(s["windows"] for s in manifest["sources"])
-    per_window = window_bytes(c.seq_len, c.top_k, vocab)
-    summary = {"output": str(out), "windows": windows, "new_windows": new, "tokens": windows * c.seq_len,
-               "top_k": c.top_k, "bytes": windows * per_window, "bytes_per_token": per_window / c.seq_len,
-               "seconds": seconds}
-    if progress:
-        print(f"teacher logits: {windows:,} windows ({windows * c.seq_len:,} tokens, {new:,} windows new) in {out}; "
-              f"top-{c.top_k}, {per_window / c.seq_len:.1f} bytes per token, {_size(windows * per_window)}",
-              file=sys.stderr, flush=True)
-    return summary
+    return _Request(spec, vocab, sources, tok, dtype, global_batch, _training_windows(c.tokens, global_batch, c.seq_len),
+                    key, out, manifest)
 
 
 def _new_manifest(key: dict, sources, c: TeacherLogitsConfig, vocab: int, spec: str) -> dict:

@@ -559,19 +559,67 @@ def search(
     `loaded` is the teacher already in memory.  Returns {"output", "ranking", "rungs", "winner",
     "winner_path", "candidates", "scores", "steps_used", "budget_steps"}.
     """
+    from .models import load_model, load_tokenizer
+
+    made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
+                           importance=(ImportanceConfig, importance))
+    c, d, imp = made["search"], made["distill"], made["importance"]
+    r = _check_search(model, output, c, d, imp, scores=scores, loaded=loaded, overwrite=overwrite)
+    out, candidates, rungs = r.out, r.candidates, r.rungs
+    # -- work: a search that fails before its first result leaves no folder behind --------------
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_json(out / LADDER_FILE, r.record)
+        teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
+        tok = load_tokenizer(model)
+        depths = [r.adapter.shape().layers - cand.shape.layers for cand in candidates]
+        sc = _search_scores(model, teacher, tok, r.given, r.scores_path, imp, d, depths, progress)
+    except BaseException:
+        # Only the plan was written (a computed scores file is kept: the rerun reuses it).
+        if created and {p.name for p in out.iterdir()} <= {LADDER_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if progress:
+        print(f"search: {len(candidates)} candidates, rungs " + ", ".join(
+            f"{x.candidates} x {x.steps} steps" for x in rungs) + f"; {ladder_steps(rungs)} of {r.budget_steps} "
+            f"steps ({r.tokens_per_step:,} tokens each)", flush=True)
+    per_rung = run_ladder(teacher, tok, sc, candidates, rungs, out, data=imp.data, distill=d, progress=progress)
+    ranking = overall_ranking(per_rung)
+    write_ranking(out, ranking)
+    winner = keep_winner(out, per_rung[-1][0]["candidate"])
+    return {"output": str(out), "ranking": ranking, "rungs": per_rung, "winner": per_rung[-1][0],
+            "winner_path": str(winner), "candidates": len(candidates), "scores": str(r.scores_path),
+            "steps_used": ladder_steps(rungs), "budget_steps": r.budget_steps}
+
+
+@dataclass(frozen=True)
+class _SearchRequest:
+    """A search's settings, checked: the plan, its record, and the scores to reuse (`given`)."""
+
+    out: Path
+    adapter: Adapter
+    candidates: list
+    rungs: list
+    tokens_per_step: int
+    budget_steps: int
+    record: dict
+    scores_path: Path
+    given: object
+
+
+def _check_search(model, output, c: SearchConfig, d: DistillConfig, imp: ImportanceConfig, *, scores, loaded,
+                  overwrite: bool) -> _SearchRequest:
+    """Every check of `search` before any output exists."""
     from . import api
     from ._io import check_not_an_input, probe_writable
     from .adapters import get_adapter
     from .data import check_source
     from .importance import Scores
-    from .models import load_config, load_model, load_tokenizer, pick_dtype
+    from .models import load_config, load_tokenizer, pick_dtype
 
-    made = route_overrides(overrides, search=(SearchConfig, config), distill=(DistillConfig, distill),
-                           importance=(ImportanceConfig, importance))
-    c, d, imp = made["search"], made["distill"], made["importance"]
     c.target()  # exactly one target
     api.check_importance_config(imp)
-    # -- every check before any output exists -------------------------------------------------
     out = Path(output).expanduser()
     pick_dtype(d.dtype)
     model_config = loaded.config if loaded is not None else load_config(model)
@@ -596,28 +644,4 @@ def search(
     given = Scores.load(scores_path) if scores_path.exists() else None
     if given is not None:
         given.check_matches(adapter.shape())
-    # -- work: a search that fails before its first result leaves no folder behind --------------
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_json(out / LADDER_FILE, record)
-        teacher = loaded if loaded is not None else load_model(model, dtype=d.dtype)
-        tok = load_tokenizer(model)
-        depths = [adapter.shape().layers - cand.shape.layers for cand in candidates]
-        sc = _search_scores(model, teacher, tok, given, scores_path, imp, d, depths, progress)
-    except BaseException:
-        # Only the plan was written (a computed scores file is kept: the rerun reuses it).
-        if created and {p.name for p in out.iterdir()} <= {LADDER_FILE}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if progress:
-        print(f"search: {len(candidates)} candidates, rungs " + ", ".join(
-            f"{r.candidates} x {r.steps} steps" for r in rungs) + f"; {ladder_steps(rungs)} of {budget_steps} "
-            f"steps ({tokens_per_step:,} tokens each)", flush=True)
-    per_rung = run_ladder(teacher, tok, sc, candidates, rungs, out, data=imp.data, distill=d, progress=progress)
-    ranking = overall_ranking(per_rung)
-    write_ranking(out, ranking)
-    winner = keep_winner(out, per_rung[-1][0]["candidate"])
-    return {"output": str(out), "ranking": ranking, "rungs": per_rung, "winner": per_rung[-1][0],
-            "winner_path": str(winner), "candidates": len(candidates), "scores": str(scores_path),
-            "steps_used": ladder_steps(rungs), "budget_steps": budget_steps}
+    return _SearchRequest(out, adapter, candidates, rungs, tokens_per_step, budget_steps, record, scores_path, given)

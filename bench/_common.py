@@ -17,6 +17,17 @@ SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 HELLASWAG = SHARED / "hellaswag_val_full.txt.bz2"
 
 
+def parse_study(ap, name: str, full: dict, quick: dict, argv=None):
+    """Parse a study's arguments: options left unset (None) take their `full` value, or their
+    `quick` one with --quick, and --out defaults to bench/out/NAME (NAME-quick with --quick)."""
+    a = ap.parse_args(argv)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.out = Path(a.out or Path(__file__).parent / "out" / (f"{name}-quick" if a.quick else name))
+    return a
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 

@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import HELLASWAG, SHAKESPEARE, WIKITEXT, machine
+from _common import HELLASWAG, SHAKESPEARE, WIKITEXT, machine, parse_study
 from slimlm.adapters import Shape, get_adapter
 from slimlm.data import pack_windows
 from slimlm.distill import distill
@@ -122,18 +122,14 @@ def parse():
                          f"{SEARCH_BATCH} windows x --seq-len: full 82944, quick 20736)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write OUT/fidelity.md and the plot from the rows done so far")
-    a = ap.parse_args()
     full = dict(tokens=16384, seq_len=256, ppl_tokens=8192, hellaswag_items=500, calib_samples=128)
     quick = dict(tokens=1024, seq_len=64, ppl_tokens=1024, hellaswag_items=10, calib_samples=8)
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    a = parse_study(ap, "fidelity", full, quick)
     a.groups = {int(g) for g in a.groups.split(",") if g.strip()}
     if not a.groups <= set(GROUPS):
         ap.error(f"--groups takes numbers among {', '.join(map(str, GROUPS))}, got {sorted(a.groups)}")
     if a.search_budget is None:
         a.search_budget = SEARCH_STEPS * SEARCH_BATCH * a.seq_len
-    a.out = Path(a.out or Path(__file__).parent / "out" / ("fidelity-quick" if a.quick else "fidelity"))
     if a.docs is None and not a.quick and a.groups == set(GROUPS):  # a partial run would replace the whole block
         a.docs = str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     a.docs = None if a.docs in (None, "none") else Path(a.docs)

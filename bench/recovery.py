@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from _common import SHAKESPEARE, WIKITEXT, machine  # noqa: E402
+from _common import SHAKESPEARE, WIKITEXT, machine, parse_study  # noqa: E402
 
 TEACHER = "smollm2-135m"
 SHAPE = dict(hidden=384, ffn=1024, heads=6)  # about half of SmolLM2-135M
@@ -73,14 +73,11 @@ def parse(argv=None):
     ap.add_argument("--save-every", type=int, default=25, help="also checkpoint every N steps (0: only at the points)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT and start over")
-    a = ap.parse_args(argv)
     full = dict(checkpoints="25000,50000,100000", seq_len=128, micro_batch=4, global_batch=8, calib_samples=64,
                 calib_seq_len=128, val_windows=32, ppl_tokens=8192)
     quick = dict(checkpoints="128,256,512", seq_len=64, micro_batch=2, global_batch=2, calib_samples=8,
                  calib_seq_len=64, val_windows=2, ppl_tokens=512)
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    a = parse_study(ap, "recovery", full, quick, argv)
     try:
         a.checkpoints = sorted({int(x) for x in str(a.checkpoints).split(",") if x.strip()})
     except ValueError:
@@ -89,7 +86,6 @@ def parse(argv=None):
         ap.error("--checkpoints needs positive token counts")
     if a.global_batch % a.micro_batch:
         ap.error("--global-batch must be a multiple of --micro-batch")
-    a.out = Path(a.out or Path(__file__).parent / "out" / ("recovery-quick" if a.quick else "recovery"))
     return a
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import WIKITEXT, PeakRSS, machine  # noqa: E402
+from _common import WIKITEXT, PeakRSS, machine, parse_study  # noqa: E402
 
 from slimlm._io import atomic_write_json  # noqa: E402
 from slimlm.adapters import get_adapter  # noqa: E402
@@ -67,14 +67,10 @@ def parse():
     ap.add_argument("--ppl-tokens", type=int, default=None, help="WikiText-2 tokens scored (full 8192, quick 512)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (full 128, quick 8)")
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
     full = dict(tokens=100_000, seq_len=256, ks="8,32,64,256", heldout=16, ppl_tokens=8192, calib_samples=128)
     quick = dict(tokens=1024, seq_len=64, ks="8,32", heldout=4, ppl_tokens=512, calib_samples=8)
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    a = parse_study(ap, "teacher-logits", full, quick)
     a.ks = sorted(int(k) for k in str(a.ks).split(","))
-    a.out = Path(a.out or Path(__file__).parent / "out" / ("teacher-logits-quick" if a.quick else "teacher-logits"))
     return a
 
 

@@ -180,15 +180,16 @@ class StudentObjective(nn.Module):
         self.chunk_size, self.fused = chunk_size, fused
         # The training loss: FusedKDLoss needs the head weight as a plain local tensor (one process, DDP,
         # FSDP2's root unit) and falls back to checkpointed chunks by itself where a weight is
-        # partitioned (ZeRO-3); fused=False forces CheckpointedKDLoss.
-        loss_class = FusedKDLoss if fused else CheckpointedKDLoss
-        self.train_loss = loss_class("none", chunk_size=chunk_size) if mode == "lm" else \
-            loss_class(loss, temperature, ce_weight, chunk_size)
-        self.cached_targets = cached_targets
-        if cached_targets:  # the same choice of fused / checkpointed, for the top-K loss (forward KL, T = 1)
+        # partitioned (ZeRO-3); fused=False forces CheckpointedKDLoss.  Cached targets: the same
+        # choice of fused / checkpointed, for the top-K loss (forward KL, T = 1).
+        if cached_targets:
             if mode != "kd" or loss != "kl" or temperature != 1.0 or hidden_loss:
                 raise SlimlmError("cached teacher targets train with the forward KL at temperature 1 only")
             self.train_loss = (FusedTopKLoss if fused else CheckpointedTopKLoss)(chunk_size, ce_weight)
+        else:
+            loss_class = FusedKDLoss if fused else CheckpointedKDLoss
+            self.train_loss = loss_class("none", chunk_size=chunk_size) if mode == "lm" else \
+                loss_class(loss, temperature, ce_weight, chunk_size)
         hs = student.config.hidden_size
         # Width-pruned students have fewer hidden channels than the teacher: a learned linear map
         # (trained with the student, not exported) brings them to the teacher's width.

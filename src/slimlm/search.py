@@ -457,6 +457,10 @@ def search_tokens(adapter: Adapter, c: SearchConfig, d: DistillConfig) -> int:
     """The token budget each candidate's distillation is planned for (the last rung's steps): what a shared
     teacher-logits cache must cover."""
     _, rungs, tokens_per_step = search_plan(adapter, c, d)
+    return _candidate_tokens(rungs, tokens_per_step)
+
+
+def _candidate_tokens(rungs: list[Rung], tokens_per_step: int) -> int:
     return rungs[-1].steps * tokens_per_step
 
 
@@ -634,7 +638,7 @@ def _check_search(model, output, c: SearchConfig, d: DistillConfig, imp: Importa
     probe_writable(out, what="search folder")
     budget_steps = c.search_budget // tokens_per_step
     if d.teacher_logits:
-        _check_cache(model, load_tokenizer(model), d, imp, rungs[-1].steps * tokens_per_step)
+        _check_cache(model, load_tokenizer(model), d, imp, _candidate_tokens(rungs, tokens_per_step))
     record = _ladder_record(model, candidates, rungs, c, d, imp, tokens_per_step, budget_steps)
     _check_search_folder(out, record, overwrite)
     check_source(imp.data, imp.text_field)
